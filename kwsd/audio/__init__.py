@@ -1,0 +1,1 @@
+"""Audio capture: ring buffers, devices (PortAudio/PulseAudio), resampling, replay sources."""

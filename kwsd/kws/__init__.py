@@ -1,0 +1,1 @@
+"""Keyword spotting: features, ONNX session, CTC keyword decoder, batched multi-stream detector."""

@@ -1,0 +1,1 @@
+"""MQTT: topics and payloads (native, Hermes, Home Assistant), publisher with outbox, inbound control."""
