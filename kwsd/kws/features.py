@@ -1,0 +1,134 @@
+"""Streaming Kaldi features, exactly as the model was trained.
+
+Kaldi fbank (kaldi-native-fbank: 80 mel bins, 25 ms window, 10 ms shift, hamming, int16-scale samples, no dither),
+then low frame rate stacking: each model frame splices fbank frames ``3k-2 .. 3k+2`` (the first frame is repeated on
+the left at the start; the last one on the right when the stream ends) and only every 3rd frame is kept, so one
+model frame covers 30 ms. Every leftover (samples, fbank frames, the decimation phase) is carried between calls, so
+any chunking of the audio yields the same frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import kaldi_native_fbank as knf
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Feature settings; the exported model states them in its metadata and the session checks them."""
+
+    sample_rate: int = 16000
+    num_mel_bins: int = 80
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    window_type: str = "hamming"
+    lfr_left: int = 2
+    lfr_right: int = 2
+    lfr_stride: int = 3
+
+    @property
+    def frame_shift(self) -> int:
+        """Fbank frame shift in samples."""
+        return int(self.sample_rate * self.frame_shift_ms / 1000)
+
+    @property
+    def frame_length(self) -> int:
+        return int(self.sample_rate * self.frame_length_ms / 1000)
+
+    @property
+    def model_frame_samples(self) -> int:
+        """Samples per model frame (30 ms = 480 samples at 16 kHz)."""
+        return self.frame_shift * self.lfr_stride
+
+    @property
+    def dim(self) -> int:
+        return self.num_mel_bins * (self.lfr_left + 1 + self.lfr_right)
+
+    def fbank_options(self) -> knf.FbankOptions:
+        opts = knf.FbankOptions()
+        opts.frame_opts.samp_freq = float(self.sample_rate)
+        opts.frame_opts.frame_length_ms = float(self.frame_length_ms)
+        opts.frame_opts.frame_shift_ms = float(self.frame_shift_ms)
+        opts.frame_opts.window_type = self.window_type
+        opts.frame_opts.dither = 0.0
+        opts.frame_opts.snip_edges = True
+        opts.mel_opts.num_bins = self.num_mel_bins
+        opts.energy_floor = 0.0
+        return opts
+
+
+class FeatureStream:
+    """Per-stream feature state: 16 kHz int16-scale audio in, spliced model frames ``[n, dim]`` out."""
+
+    def __init__(self, config: FeatureConfig | None = None) -> None:
+        self.config = config or FeatureConfig()
+        self._opts = self.config.fbank_options()
+        self.reset()
+
+    def reset(self) -> None:
+        self._fbank = knf.OnlineFbank(self._opts)
+        self._fbank_read = 0  # fbank frames taken out of the extractor
+        self._context = np.empty((0, self.config.num_mel_bins), dtype=np.float32)  # fbank frames kept for splicing
+        self._context_start = 0  # fbank index of _context[0]
+        self.frames_out = 0  # model frames produced so far; the next one is centred on fbank frame 3 * frames_out
+        self.finished = False
+
+    def accept(self, samples: np.ndarray) -> np.ndarray:
+        """Feed 16 kHz samples (int16, or float on the int16 scale); return the model frames now complete."""
+        if self.finished:
+            raise RuntimeError("stream already flushed; reset() it first")
+        if samples.size:
+            self._fbank.accept_waveform(self.config.sample_rate, np.asarray(samples, dtype=np.float32).ravel())
+        return self._emit(final=False)
+
+    def flush(self) -> np.ndarray:
+        """End of the stream: emit the remaining model frames, repeating the last fbank frame as right context."""
+        self._fbank.input_finished()
+        out = self._emit(final=True)
+        self.finished = True
+        return out
+
+    def _pull_fbank(self) -> None:
+        ready = self._fbank.num_frames_ready
+        if ready <= self._fbank_read:
+            return
+        new = np.array([self._fbank.get_frame(i) for i in range(self._fbank_read, ready)], dtype=np.float32)
+        self._fbank.pop(ready - self._fbank_read)
+        self._fbank_read = ready
+        self._context = np.concatenate([self._context, new]) if self._context.size else new
+
+    def _emit(self, final: bool) -> np.ndarray:
+        self._pull_fbank()
+        cfg = self.config
+        total = self._fbank_read  # fbank frames seen so far
+        if total == 0:
+            return np.empty((0, cfg.dim), dtype=np.float32)
+        # Model frame k needs fbank frames up to 3k + right; at the end, every k with 3k < total is emitted.
+        if final:
+            last = (total - 1) // cfg.lfr_stride
+        else:
+            last = (total - 1 - cfg.lfr_right) // cfg.lfr_stride
+        count = last - self.frames_out + 1
+        if count <= 0:
+            return np.empty((0, cfg.dim), dtype=np.float32)
+        centers = (self.frames_out + np.arange(count)) * cfg.lfr_stride
+        offsets = np.arange(-cfg.lfr_left, cfg.lfr_right + 1)
+        idx = np.clip(centers[:, None] + offsets[None, :], 0, total - 1) - self._context_start
+        out = self._context[idx].reshape(count, cfg.dim)
+        self.frames_out += count
+        # Keep only what the next model frame can still need as left context.
+        keep_from = max(self.frames_out * cfg.lfr_stride - cfg.lfr_left, 0)
+        drop = keep_from - self._context_start
+        if drop > 0:
+            self._context = self._context[drop:]
+            self._context_start = keep_from
+        return out
+
+
+def offline_features(samples: np.ndarray, config: FeatureConfig | None = None) -> np.ndarray:
+    """All model frames of a whole recording (the same as streaming it, then flushing)."""
+    stream = FeatureStream(config)
+    head = stream.accept(samples)
+    return np.concatenate([head, stream.flush()])

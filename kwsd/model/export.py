@@ -1,0 +1,348 @@
+"""Export the parsed nnet1 keyword spotter to a streaming ONNX, and refuse to install it unless it is verified.
+
+Graph: ``feats [B, T, 400]`` (spliced, un-normalised fbank) and ``cache [B, layers, 128, 11]`` in; ``probs [B, T,
+2599]`` (posteriors) and ``cache_out`` out. CMVN is folded into the first affine layer. Each Fsmn layer concatenates
+its cached past frames with the new ones and runs one depthwise convolution whose taps are the left filter, the
+identity and the right filter; its output for a frame is therefore produced ROrder frames later (8 frames over four
+layers: the model's look-ahead), and any chunking of the input with the cache carried gives the same outputs.
+
+Verification, before the file is moved into place: the ONNX must agree with the independent numpy forward pass
+(``reference.py``) to 1e-4 on real features, chunks of 1, 7 and 50 frames must equal one call over the whole input,
+and greedy CTC decoding of the model card's example recording must read 小云小云.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from kwsd import __version__
+from kwsd.kws.contract import INPUT_CACHE, INPUT_FEATS, OUTPUT_CACHE, OUTPUT_PROBS, ModelContract
+from kwsd.kws.features import FeatureConfig, offline_features
+from kwsd.model.nnet1 import Component, read_cmvn, read_nnet
+from kwsd.model.reference import forward
+
+log = logging.getLogger(__name__)
+
+NET_FILE = "kwsr.net"
+CMVN_FILE = "funasr/am.mvn.dim80_l2r2"
+TOKENS_FILE = "funasr/tokens_2599.txt"
+EXAMPLE_FILE = "example/kws_xiaoyunxiaoyun.wav"
+SOURCE_REPO = "iic/speech_charctc_kws_phone-xiaoyun"
+EXPECTED_TEXT = "小云小云"
+TOLERANCE = 1e-4
+CHUNKS = (1, 7, 50)
+OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """The export failed or did not verify; no model file was installed."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: Path
+    size_bytes: int
+    params: int
+    seconds: float
+    max_abs_diff: float
+    compared_frames: int
+    chunk_max_diff: float
+    greedy_text: str
+    ms_per_frame_cpu: float
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_tokens(path: Path) -> tuple[str, ...]:
+    lines = path.read_text(encoding="utf-8").split("\n")
+    while lines and lines[-1] == "":
+        lines.pop()
+    tokens = tuple(line.strip() for line in lines)
+    if len(set(tokens)) != len(tokens) or any(not t for t in tokens):
+        raise ExportError(f"{path}: the token list has empty or duplicate entries")
+    return tokens
+
+
+def read_wav_int16(path: Path) -> np.ndarray:
+    """A 16 kHz mono 16-bit WAV as int16 samples (the example recording's format)."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (16000, 1, 2):
+                raise ExportError(f"{path}: expected 16 kHz mono 16-bit, got {w.getframerate()} Hz, "
+                                  f"{w.getnchannels()} channels, {8 * w.getsampwidth()} bits")
+            return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.int16)
+    except (OSError, wave.Error, EOFError) as exc:
+        raise ExportError(f"{path}: cannot read the WAV file: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Graph
+
+
+def _fsmn_kernel(comp: Component) -> np.ndarray:
+    """Depthwise taps [dim, 1, K] over the window ``t-(LOrder-1)*ls .. t+ROrder*rs``, identity included."""
+    lo, ro = int(comp.options["LOrder"]), int(comp.options["ROrder"])
+    ls, rs = int(comp.options["LStride"]), int(comp.options["RStride"])
+    past, future = (lo - 1) * ls, ro * rs
+    dim = comp.input_dim
+    taps = np.zeros((past + future + 1, dim), dtype=np.float64)
+    for i in range(lo):
+        taps[past - i * ls] += comp.params["l_filter"][i]
+    taps[past] += 1.0
+    for j in range(1, ro + 1):
+        taps[past + j * rs] += comp.params["r_filter"][j - 1]
+    return taps.T[:, None, :].astype(np.float32)
+
+
+def fsmn_context(comp: Component) -> tuple[int, int]:
+    """(past frames, future frames) one Fsmn layer needs around each frame."""
+    return (int(comp.options["LOrder"]) - 1) * int(comp.options["LStride"]), int(comp.options["ROrder"]) * int(
+        comp.options["RStride"]
+    )
+
+
+def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarray, contract: ModelContract
+                ) -> onnx.ModelProto:
+    fsmn = [c for c in components if c.kind == "Fsmn"]
+    if not fsmn:
+        raise ExportError("the network has no Fsmn layer: not the FSMN-CTC keyword spotter")
+    contexts = {fsmn_context(c) for c in fsmn}
+    dims = {c.input_dim for c in fsmn}
+    if len(contexts) != 1 or len(dims) != 1:
+        raise ExportError("Fsmn layers differ in width or context; one cache tensor cannot hold them")
+    (past, future), dim = contexts.pop(), dims.pop()
+    cache_frames = past + future
+    if components[0].kind != "AffineTransform" or components[0].input_dim != shift.size:
+        raise ExportError(f"CMVN has {shift.size} dims but the network starts with <{components[0].kind}> "
+                          f"of input {components[0].input_dim}")
+    if components[-1].kind != "Softmax":
+        raise ExportError("the network does not end in <Softmax>")
+
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    counter = iter(range(10_000))
+
+    def name(prefix: str) -> str:
+        return f"{prefix}_{next(counter)}"
+
+    def const(prefix: str, value: np.ndarray) -> str:
+        n = name(prefix)
+        inits.append(numpy_helper.from_array(np.array(value, order="C"), n))
+        return n
+
+    def node(op: str, inputs: list[str], **attrs: object) -> str:
+        out = name(op.lower())
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    x = INPUT_FEATS
+    new_caches: list[str] = []
+    layer = 0
+    for i, comp in enumerate(components):
+        if comp.kind == "AffineTransform":
+            w = comp.params["weight"].astype(np.float64)
+            b = comp.params["bias"].astype(np.float64)
+            if i == 0:  # fold (x + shift) * scale into the first affine layer
+                b = b + w @ (shift.astype(np.float64) * scale)
+                w = w * scale.astype(np.float64)[None, :]
+            x = node("MatMul", [x, const("w", w.T.astype(np.float32))])
+            x = node("Add", [x, const("b", b.astype(np.float32))])
+        elif comp.kind == "LinearTransform":
+            x = node("MatMul", [x, const("w", comp.params["weight"].T.copy())])
+        elif comp.kind == "RectifiedLinear":
+            x = node("Relu", [x])
+        elif comp.kind == "Fsmn":
+            xt = node("Transpose", [x], perm=[0, 2, 1])  # [B, dim, T]
+            cache = node("Gather", [INPUT_CACHE, const("layer", np.array(layer, dtype=np.int64))], axis=1)
+            y = node("Concat", [cache, xt], axis=2)  # [B, dim, cache_frames + T]
+            new_caches.append(node("Unsqueeze", [
+                node("Slice", [y, const("start", np.array([-cache_frames], dtype=np.int64)),
+                               const("end", np.array([np.iinfo(np.int64).max], dtype=np.int64)),
+                               const("axis", np.array([2], dtype=np.int64))]),
+                const("axis", np.array([1], dtype=np.int64))]))
+            conv = node("Conv", [y, const("taps", _fsmn_kernel(comp))], group=comp.input_dim,
+                        kernel_shape=[past + future + 1])
+            x = node("Transpose", [conv], perm=[0, 2, 1])
+            layer += 1
+        elif comp.kind == "Softmax":
+            x = node("Softmax", [x], axis=-1)
+        else:
+            raise ExportError(f"component <{comp.kind}> has no ONNX mapping")
+    nodes.append(helper.make_node("Identity", [x], [OUTPUT_PROBS], name="probs"))
+    nodes.append(helper.make_node("Concat", new_caches, [OUTPUT_CACHE], name="cache_out", axis=1))
+
+    n_tokens = components[-1].output_dim
+    graph = helper.make_graph(
+        nodes,
+        "kwsd_fsmn_ctc_stream",
+        inputs=[
+            helper.make_tensor_value_info(INPUT_FEATS, TensorProto.FLOAT, ["batch", "time", components[0].input_dim]),
+            helper.make_tensor_value_info(INPUT_CACHE, TensorProto.FLOAT, ["batch", layer, dim, cache_frames]),
+        ],
+        outputs=[
+            helper.make_tensor_value_info(OUTPUT_PROBS, TensorProto.FLOAT, ["batch", "time", n_tokens]),
+            helper.make_tensor_value_info(OUTPUT_CACHE, TensorProto.FLOAT, ["batch", layer, dim, cache_frames]),
+        ],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kwsd",
+                              producer_version=__version__)
+    model.ir_version = 8
+    model.doc_string = (f"FSMN-CTC keyword spotter {contract.source}, streaming: feats [B,T,400] + cache -> "
+                        f"token posteriors [B,T,{n_tokens}] delayed by {contract.delay_frames} frames + cache")
+    helper.set_model_props(model, contract.to_metadata())
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verification
+
+
+def _run_stream(session, feats: np.ndarray, cache_shape: tuple[int, ...], chunk: int | None) -> np.ndarray:
+    cache = np.zeros((1, *cache_shape), dtype=np.float32)
+    step = chunk or feats.shape[0]
+    outs = []
+    for start in range(0, feats.shape[0], step):
+        probs, cache = session.run(None, {INPUT_FEATS: feats[None, start : start + step], INPUT_CACHE: cache})
+        outs.append(probs[0])
+    return np.concatenate(outs)
+
+
+def greedy_text(probs: np.ndarray, tokens: tuple[str, ...], blank: int = 0) -> str:
+    best = probs.argmax(axis=1)
+    keep = [int(k) for i, k in enumerate(best) if k != blank and (i == 0 or best[i - 1] != k)]
+    return "".join(tokens[k] for k in keep)
+
+
+def verify(path: Path, components: list[Component], shift: np.ndarray, scale: np.ndarray,
+           contract: ModelContract, example: np.ndarray) -> tuple[float, int, float, str, float]:
+    """Check the ONNX file; returns (max diff vs numpy, frames compared, chunk diff, greedy text, ms/frame)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feats = offline_features(example, contract.features)
+    whole = _run_stream(session, feats, contract.cache_shape, None)
+
+    # Streaming output t is reference frame t - delay. The first frames after a cold start differ slightly
+    # (deeper layers see the look-ahead outputs of earlier layers where the offline pass sees padding), so the
+    # comparison starts once every layer's window lies inside the utterance.
+    ref = forward(components, feats, shift, scale)
+    delay = contract.delay_frames
+    warmup = sum(fsmn_context(c)[0] + fsmn_context(c)[1] for c in components if c.kind == "Fsmn")
+    lo, hi = warmup, feats.shape[0] - delay
+    if hi - lo < 50:
+        raise ExportError(f"the example recording is too short to verify ({feats.shape[0]} frames)")
+    diff = float(np.abs(whole[lo + delay : hi + delay] - ref[lo:hi]).max())
+    if not diff <= TOLERANCE:
+        raise ExportError(f"ONNX and numpy forward passes differ by {diff:.3g} (> {TOLERANCE})")
+
+    chunk_diff = 0.0
+    for chunk in CHUNKS:
+        part = _run_stream(session, feats, contract.cache_shape, chunk)
+        chunk_diff = max(chunk_diff, float(np.abs(part - whole).max()))
+    if not chunk_diff <= 1e-5:
+        raise ExportError(f"chunked inference differs from one call by {chunk_diff:.3g}")
+
+    # Append the look-ahead (last frame repeated) so the final frames are decoded too.
+    padded = np.concatenate([feats, np.repeat(feats[-1:], delay, axis=0)])
+    text = greedy_text(_run_stream(session, padded, contract.cache_shape, None)[delay:], contract.tokens,
+                       contract.blank_id)
+    if EXPECTED_TEXT not in text:
+        raise ExportError(f"greedy decoding of the example recording reads {text!r}, not {EXPECTED_TEXT!r}")
+
+    reps = 20
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        _run_stream(session, feats, contract.cache_shape, 3)
+    ms_per_frame = (time.perf_counter() - t0) * 1000 / (reps * feats.shape[0])
+    return diff, hi - lo, chunk_diff, text, ms_per_frame
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def export_model(upstream: Path, output: Path, example: Path | None = None) -> ExportReport:
+    """Parse ``upstream``'s weights, write ``output`` only if the ONNX verifies; raise ExportError otherwise."""
+    t0 = time.perf_counter()
+    upstream = Path(upstream)
+    paths = {rel: upstream / rel for rel in (NET_FILE, CMVN_FILE, TOKENS_FILE)}
+    for rel, p in paths.items():
+        if not p.is_file():
+            raise ExportError(f"{p}: missing upstream file {rel} (run `kwsd model fetch` first)")
+    example = example or upstream / EXAMPLE_FILE
+    if not example.is_file():
+        raise ExportError(f"{example}: the example recording is needed to verify the export "
+                          f"(fetch {EXAMPLE_FILE} or pass --example)")
+    from kwsd.model.nnet1 import Nnet1Error
+
+    try:
+        components = read_nnet(paths[NET_FILE])
+        shift, scale = read_cmvn(paths[CMVN_FILE])
+    except Nnet1Error as exc:
+        raise ExportError(str(exc)) from exc
+    tokens = read_tokens(paths[TOKENS_FILE])
+    if components[-1].output_dim != len(tokens):
+        raise ExportError(f"the network outputs {components[-1].output_dim} tokens but "
+                          f"{paths[TOKENS_FILE]} lists {len(tokens)}")
+    fsmn = [c for c in components if c.kind == "Fsmn"]
+    past, future = fsmn_context(fsmn[0]) if fsmn else (0, 0)
+    features = FeatureConfig()
+    if features.dim != components[0].input_dim:
+        raise ExportError(f"features have {features.dim} dims but the network expects {components[0].input_dim}")
+    contract = ModelContract(
+        features=features,
+        tokens=tokens,
+        blank_id=tokens.index("<blank>") if "<blank>" in tokens else 0,
+        cache_shape=(len(fsmn), fsmn[0].input_dim if fsmn else 0, past + future),
+        delay_frames=sum(fsmn_context(c)[1] for c in fsmn),
+        source=SOURCE_REPO,
+        source_sha256=_sha256(paths[NET_FILE]),
+        exporter=f"kwsd {__version__}",
+    )
+    model = build_model(components, shift, scale, contract)
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    try:
+        onnx.save(model, str(tmp))
+        diff, frames, chunk_diff, text, ms = verify(tmp, components, shift, scale, contract, read_wav_int16(example))
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    report = ExportReport(
+        path=output,
+        size_bytes=output.stat().st_size,
+        params=sum(c.num_params for c in components),
+        seconds=time.perf_counter() - t0,
+        max_abs_diff=diff,
+        compared_frames=frames,
+        chunk_max_diff=chunk_diff,
+        greedy_text=text,
+        ms_per_frame_cpu=ms,
+    )
+    log.info("exported %s (%d bytes, %d parameters) in %.1f s; max |ONNX - numpy| = %.2g over %d frames; "
+             "chunks 1/7/50 differ by %.2g; example reads %r; %.3f ms per frame on CPU",
+             output, report.size_bytes, report.params, report.seconds, diff, frames, chunk_diff, text, ms)
+    return report
