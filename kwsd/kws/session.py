@@ -1,0 +1,101 @@
+"""The shared ONNX session: providers negotiated and reported, contract read from the model, batched calls."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kwsd.kws.contract import INPUT_CACHE, INPUT_FEATS, OUTPUT_CACHE, OUTPUT_PROBS, ContractError, ModelContract
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+
+
+class ModelError(RuntimeError):
+    """The model file cannot be used; the message names the file and the problem."""
+
+
+def _create_session(path: str, options, providers: list[str]):  # the seam where the runtime session is created
+    import onnxruntime as ort
+
+    return ort.InferenceSession(path, options, providers=providers)
+
+
+class ModelSession:
+    """One model shared by every stream. ``run`` takes a batch of streams, each with its own cache row."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        providers: Sequence[str] = ("CUDAExecutionProvider", CPU),
+        intra_op_threads: int = 1,
+        max_batch: int = 4096,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"model file {self.path} not found (run `kwsd model export`, or set model.path)")
+        ort.set_default_logger_severity(3)
+        available = set(ort.get_available_providers())
+        wanted = [p for p in providers if p != CPU]
+        unknown = [p for p in wanted if p not in available]
+        if unknown:
+            log.info("execution providers %s are not available in this onnxruntime; using the rest", unknown)
+        chosen = [p for p in wanted if p in available] + [CPU]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, intra_op_threads)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._session = _create_session(str(self.path), opts, chosen)
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
+            raise ModelError(f"model file {self.path} cannot be loaded: {exc}") from exc
+        self.provider: str = self._session.get_providers()[0]
+        if chosen[0] != self.provider:
+            log.info("%s could not be initialised; running on %s", chosen[0], self.provider)
+        try:
+            meta = self._session.get_modelmeta().custom_metadata_map
+            self.contract = ModelContract.from_metadata(meta, str(self.path))
+        except ContractError as exc:
+            raise ModelError(str(exc)) from exc
+        self._check_io()
+        self.max_batch = max(1, max_batch)
+
+    def _check_io(self) -> None:
+        inputs = {i.name: i.shape for i in self._session.get_inputs()}
+        outputs = {o.name for o in self._session.get_outputs()}
+        if set(inputs) != {INPUT_FEATS, INPUT_CACHE} or not {OUTPUT_PROBS, OUTPUT_CACHE} <= outputs:
+            raise ModelError(f"model file {self.path}: inputs {sorted(inputs)} / outputs {sorted(outputs)} are not "
+                             f"the streaming keyword-spotter interface")
+        cache = inputs[INPUT_CACHE][1:]
+        if [int(d) if isinstance(d, int) else d for d in cache] != list(self.contract.cache_shape):
+            raise ModelError(f"model file {self.path}: cache input {cache} disagrees with its metadata "
+                             f"{self.contract.cache_shape}")
+        if inputs[INPUT_FEATS][-1] != self.contract.features.dim:
+            raise ModelError(f"model file {self.path}: feature input {inputs[INPUT_FEATS]} disagrees with its "
+                             f"metadata ({self.contract.features.dim} dims)")
+
+    def new_cache(self, batch: int = 1) -> np.ndarray:
+        return np.zeros((batch, *self.contract.cache_shape), dtype=np.float32)
+
+    def run(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Posteriors ``[B, T, tokens]`` and the new cache for ``feats [B, T, dim]`` and ``cache [B, ...]``."""
+        if feats.shape[0] <= self.max_batch:
+            probs, new_cache = self._session.run(
+                [OUTPUT_PROBS, OUTPUT_CACHE], {INPUT_FEATS: feats, INPUT_CACHE: cache})
+            return probs, new_cache
+        parts = [self.run(feats[i : i + self.max_batch], cache[i : i + self.max_batch])
+                 for i in range(0, feats.shape[0], self.max_batch)]
+        return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
+
+    def warm_up(self, batch: int = 1, frames: int = 3) -> float:
+        """One call on silence-like input so the first real step is not slow; returns its seconds."""
+        t0 = time.perf_counter()
+        self.run(np.zeros((batch, frames, self.contract.features.dim), dtype=np.float32), self.new_cache(batch))
+        return time.perf_counter() - t0
