@@ -209,8 +209,9 @@ def _fetch_one(dest: Path, entry: ManifestFile, source: _Source, show: bool) -> 
             part.unlink(missing_ok=True)
             if not resumed or attempt == 2:
                 raise FetchError(f"{entry.path} from {source.description}: {problem}")
-            log.warning("%s: %s after a resumed download; downloading it again from the start",
-                        entry.path, problem)
+            log.warning(
+                "%s: %s after a resumed download; downloading it again from the start", entry.path, problem
+            )
         _fsync(part)
         os.replace(part, target)
     except BaseException:
@@ -336,7 +337,13 @@ def _download(
             delay = min(backoff * 2 ** (failures - 1), MAX_BACKOFF)
             log.warning(
                 "%s: %s; retry %d of %d in %.2f s (have %d of %d bytes)",
-                entry.path, reason, failures, retries, delay, now, entry.size,
+                entry.path,
+                reason,
+                failures,
+                retries,
+                delay,
+                now,
+                entry.size,
             )
             time.sleep(delay)
         else:
