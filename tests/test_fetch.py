@@ -1,0 +1,309 @@
+"""kwsd model fetch: the real download code against a local ModelScope-like server and the real mirror."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kwsd.__main__ import main
+from kwsd.model.fetch import FetchError, fetch_files, fetch_model, file_url
+from kwsd.model.manifest import Manifest, ManifestError, load_manifest, parse_manifest
+from tests.fixtures_fetch import STALL_S, ModelServer
+
+MANIFEST = load_manifest()
+REQUIRED = sorted(f.path for f in MANIFEST.files if f.required)
+FAST: dict[str, Any] = {"backoff": 0.01, "timeout": 5.0}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_only_verified(dest: Path, manifest: Manifest = MANIFEST) -> list[str]:
+    """Every file under ``dest`` is a manifest file with the right size and digest; return their paths."""
+    found = []
+    for path in sorted(p for p in dest.rglob("*") if p.is_file()):
+        rel = path.relative_to(dest).as_posix()
+        listed = {f.path: f for f in manifest.files}
+        assert rel in listed, f"unexpected file left under dest: {rel}"
+        assert path.stat().st_size == listed[rel].size, rel
+        assert sha256(path) == listed[rel].sha256, rel
+        found.append(rel)
+    return found
+
+
+# --- manifest -----------------------------------------------------------------------------------------------
+
+
+def test_manifest_pins_upstream_and_matches_the_mirror(model_mirror: Path) -> None:
+    assert MANIFEST.repository == "iic/speech_charctc_kws_phone-xiaoyun"
+    assert MANIFEST.revision == "3336a553f221e4de6976a3905a1b39da440085ff"
+    optional = sorted(f.path for f in MANIFEST.files if not f.required)
+    assert optional == [
+        "finetune_avg_10.pt",
+        "funasr/basetrain_fsmn_4e_l10r2_250_128_fdim80_t2599.pt",
+        "funasr/finetune_fsmn_4e_l10r2_250_128_fdim80_t2599_xiaoyun_xiaoyun.pt",
+    ]
+    assert len(REQUIRED) == 10 and "kwsr.net" in REQUIRED and "funasr/tokens_2599.txt" in REQUIRED
+    for entry in MANIFEST.select():
+        path = model_mirror / entry.path
+        assert (path.stat().st_size, sha256(path)) == (entry.size, entry.sha256), entry.path
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda d: d.update(extra=1), "extra: unknown key"),
+        (lambda d: d["files"][1].update(sha256="ABC"), "files[1].sha256"),
+        (lambda d: d["files"][2].update(path="../etc/passwd"), "files[2].path"),
+        (lambda d: d["files"][3].update(path="/abs"), "files[3].path"),
+        (lambda d: d["files"][4].update(path=d["files"][0]["path"]), "files[4].path"),
+        (lambda d: d["files"][0].update(size=-1), "files[0].size"),
+        (lambda d: d["files"][0].update(required="yes"), "files[0].required"),
+        (lambda d: d.update(repository="noslash"), "repository"),
+    ],
+)
+def test_invalid_manifest_names_the_key(change: Callable[[dict[str, Any]], None], key: str) -> None:
+    data = json.loads((Path(__file__).parent.parent / "models" / "manifest.json").read_text())
+    change(data)
+    with pytest.raises(ManifestError, match=r"test\.json: " + re.escape(key)):
+        parse_manifest(data, source="test.json")
+
+
+def test_download_url_has_modelscope_layout() -> None:
+    url = file_url("https://www.modelscope.cn/", "iic/x", "v1.0", "funasr/a b.txt")
+    assert url == "https://www.modelscope.cn/api/v1/models/iic/x/repo?Revision=v1.0&FilePath=funasr%2Fa+b.txt"
+
+
+# --- sources ------------------------------------------------------------------------------------------------
+
+
+def test_http_fetch_gets_every_required_file(
+    model_server: ModelServer, model_mirror: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "upstream"
+    result = fetch_model(dest, model_server.url, **FAST)
+    assert sorted(result) == REQUIRED
+    for rel, local in result.items():
+        assert local == dest / rel
+        assert local.read_bytes() == (model_mirror / rel).read_bytes()
+    assert assert_only_verified(dest) == REQUIRED
+    # one plain GET per file, in ModelScope's URL layout with the pinned revision
+    assert sorted(r.file_path for r in model_server.requests) == REQUIRED
+    assert all(r.status == 200 and r.range is None for r in model_server.requests)
+    tokens = model_server.requests_for("funasr/tokens_2599.txt")[0]
+    assert tokens.raw_path == (
+        f"/api/v1/models/iic/speech_charctc_kws_phone-xiaoyun/repo?Revision={MANIFEST.revision}"
+        "&FilePath=funasr%2Ftokens_2599.txt"
+    )
+
+
+@pytest.mark.parametrize("as_url", [False, True])
+def test_local_folder_source(model_mirror: Path, tmp_path: Path, as_url: bool) -> None:
+    source = model_mirror.as_uri() if as_url else str(model_mirror)
+    result = fetch_model(tmp_path / "up", source)
+    assert sorted(result) == REQUIRED
+    assert assert_only_verified(tmp_path / "up") == REQUIRED
+
+
+def test_source_that_is_neither_url_nor_folder(tmp_path: Path) -> None:
+    with pytest.raises(FetchError, match="nowhere"):
+        fetch_model(tmp_path / "up", str(tmp_path / "nowhere"))
+
+
+def test_checkpoints_only_on_request(model_mirror: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "up"
+    fetch_model(dest, str(model_mirror))  # the mirror has no checkpoints: fine unless asked for
+    with pytest.raises(FetchError, match=r"finetune_avg_10\.pt: not found in the model mirror"):
+        fetch_model(dest, str(model_mirror), include_checkpoints=True)
+    assert assert_only_verified(dest) == REQUIRED
+
+
+# --- idempotence --------------------------------------------------------------------------------------------
+
+
+def test_present_files_are_not_downloaded_again(model_server: ModelServer, tmp_path: Path) -> None:
+    dest = tmp_path / "up"
+    fetch_model(dest, model_server.url, **FAST)
+    stamps = {p: p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()}
+    model_server.requests.clear()
+
+    again = fetch_files(dest, model_server.url, **FAST)
+    assert {r.status for r in again} == {"present"}
+    assert model_server.requests == []
+    assert {p: p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()} == stamps
+
+    # a damaged copy is replaced, and only that one is fetched
+    (dest / "kwsr.mvn").write_bytes(b"garbage")
+    third = fetch_files(dest, model_server.url, **FAST)
+    assert [r.path for r in third if r.status == "fetched"] == ["kwsr.mvn"]
+    assert [r.file_path for r in model_server.requests] == ["kwsr.mvn"]
+    assert assert_only_verified(dest) == REQUIRED
+
+
+# --- failures leave nothing unverified ----------------------------------------------------------------------
+
+
+def test_digest_mismatch(model_server: ModelServer, tmp_path: Path) -> None:
+    model_server.faults["kwsr.cfg"] = "corrupt"
+    with pytest.raises(FetchError, match=r"kwsr\.cfg from http://127\.0\.0\.1:\d+: sha256 mismatch"):
+        fetch_model(tmp_path / "up", model_server.url, **FAST)
+    found = assert_only_verified(tmp_path / "up")
+    assert "kwsr.cfg" not in found and "README.md" in found  # files before it stay, verified
+
+
+def test_short_file(model_server: ModelServer, tmp_path: Path) -> None:
+    model_server.faults["kwsr.net"] = "short"
+    expected = r"kwsr\.net at http://\S+: truncated: 1513192 bytes there, expected 3026385"
+    with pytest.raises(FetchError, match=expected):
+        fetch_model(tmp_path / "up", model_server.url, **FAST)
+    assert "kwsr.net" not in assert_only_verified(tmp_path / "up")
+    assert len(model_server.requests_for("kwsr.net")) == 1  # a short file is not retried
+
+
+def test_connection_cut_every_time(model_server: ModelServer, tmp_path: Path) -> None:
+    """Fewer bytes than Content-Length, on every attempt: retried with backoff, then a FetchError."""
+    model_server.faults["kwsr.net"] = "cut"
+    expected = r"kwsr\.net: download from \S+ failed after 2 retries: connection closed"
+    with pytest.raises(FetchError, match=expected):
+        fetch_model(tmp_path / "up", model_server.url, retries=2, **FAST)
+    assert "kwsr.net" not in assert_only_verified(tmp_path / "up")
+    # first attempt made progress (not a failure); three more without progress exhaust 2 retries
+    assert len(model_server.requests_for("kwsr.net")) == 4
+
+
+def test_missing_file(model_server: ModelServer, tmp_path: Path) -> None:
+    model_server.faults["keywords.json"] = "missing"
+    with pytest.raises(FetchError, match=r"keywords\.json: not found at \S+ \(HTTP 404\)"):
+        fetch_model(tmp_path / "up", model_server.url, **FAST)
+    assert "keywords.json" not in assert_only_verified(tmp_path / "up")
+    assert len(model_server.requests_for("keywords.json")) == 1  # a 404 is final
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("missing", r"kwsr\.net: not found in the model mirror \S+mirror"),
+        ("short", r"kwsr\.net in the model mirror \S+mirror: 1000 bytes, expected 3026385"),
+    ],
+)
+def test_missing_or_short_in_mirror_folder(
+    model_mirror: Path, tmp_path: Path, damage: str, expected: str
+) -> None:
+    partial = tmp_path / "mirror"
+    for entry in MANIFEST.select():
+        (partial / entry.path).parent.mkdir(parents=True, exist_ok=True)
+        data = (model_mirror / entry.path).read_bytes()
+        if entry.path != "kwsr.net":
+            (partial / entry.path).write_bytes(data)
+        elif damage == "short":
+            (partial / entry.path).write_bytes(data[:1000])
+    with pytest.raises(FetchError, match=expected):
+        fetch_model(tmp_path / "up", str(partial))
+    assert "kwsr.net" not in assert_only_verified(tmp_path / "up")
+
+
+def test_stalled_server_times_out(model_server: ModelServer, tmp_path: Path) -> None:
+    model_server.faults["config.yaml"] = "stall"
+    start = time.monotonic()
+    expected = r"config\.yaml: download from \S+ failed after 1 retries: .*timed out"
+    with pytest.raises(FetchError, match=expected):
+        fetch_model(tmp_path / "up", model_server.url, retries=1, backoff=0.01, timeout=0.2)
+    assert time.monotonic() - start < 2 * STALL_S
+    assert "config.yaml" not in assert_only_verified(tmp_path / "up")
+
+
+def test_failure_of_an_existing_damaged_file_removes_it(model_server: ModelServer, tmp_path: Path) -> None:
+    dest = tmp_path / "up"
+    fetch_model(dest, model_server.url, **FAST)
+    (dest / "kwsr.cfg").write_bytes(b"edited")
+    model_server.faults["kwsr.cfg"] = "corrupt"
+    with pytest.raises(FetchError, match=r"kwsr\.cfg"):
+        fetch_model(dest, model_server.url, **FAST)
+    assert "kwsr.cfg" not in assert_only_verified(dest)
+
+
+# --- recovery -----------------------------------------------------------------------------------------------
+
+
+def test_dropped_connection_resumes_with_range(model_server: ModelServer, tmp_path: Path) -> None:
+    model_server.faults["kwsr.net"] = "drop_once"
+    fetch_model(tmp_path / "up", model_server.url, **FAST)
+    assert assert_only_verified(tmp_path / "up") == REQUIRED
+    first, second = model_server.requests_for("kwsr.net")
+    sent = 3026385 * 2 // 5
+    assert (first.range, first.status) == (None, 200)
+    assert (second.range, second.status) == (f"bytes={sent}-", 206)
+
+
+def test_server_ignoring_range_restarts_the_file(model_server: ModelServer, tmp_path: Path) -> None:
+    model_server.faults["kwsr.net"] = "drop_once_no_range"
+    fetch_model(tmp_path / "up", model_server.url, **FAST)
+    assert assert_only_verified(tmp_path / "up") == REQUIRED
+    first, second = model_server.requests_for("kwsr.net")
+    assert first.range is None and second.range is not None and second.status == 200
+
+
+def test_server_error_is_retried(model_server: ModelServer, tmp_path: Path) -> None:
+    model_server.faults["configuration.json"] = "error_once"
+    fetch_model(tmp_path / "up", model_server.url, **FAST)
+    assert [r.status for r in model_server.requests_for("configuration.json")] == [503, 200]
+    assert assert_only_verified(tmp_path / "up") == REQUIRED
+
+
+def test_stale_part_file_is_resumed_and_redone_if_bad(model_server: ModelServer, tmp_path: Path) -> None:
+    """A .part left by a killed run is resumed; when the result fails its check, it is fetched afresh."""
+    dest = tmp_path / "up"
+    dest.mkdir()
+    (dest / "kwsr.net.part").write_bytes(b"\0" * 1000)
+    fetch_model(dest, model_server.url, **FAST)
+    assert assert_only_verified(dest) == REQUIRED
+    assert [r.range for r in model_server.requests_for("kwsr.net")] == ["bytes=1000-", None]
+
+
+# --- progress and command line ------------------------------------------------------------------------------
+
+
+def test_progress_bar_only_on_request_or_terminal(
+    model_server: ModelServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fetch_model(tmp_path / "a", model_server.url, progress=True, **FAST)
+    err = capsys.readouterr().err
+    assert "kwsr.net" in err and "100.0%" in err
+    fetch_model(tmp_path / "b", model_server.url, **FAST)  # auto: captured stderr is not a terminal
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_fetch_twice(model_mirror: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "up"
+    argv = ["model", "fetch", "--source", str(model_mirror), "--dest", str(dest)]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 and all(line.startswith("fetched ") for line in lines)
+    assert any(line.split()[1] == "kwsr.net" for line in lines)
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 and all(line.startswith("already present ") for line in lines)
+
+
+def test_cli_source_from_env_and_failure_exit(
+    model_server: ModelServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KWSD_MODEL_SOURCE", model_server.url)
+    model_server.faults["kwsr.mvn"] = "missing"
+    assert main(["model", "fetch", "--dest", str(tmp_path / "up")]) == 1
+    captured = capsys.readouterr()
+    assert "kwsd model fetch: error: kwsr.mvn: not found at http://127.0.0.1:" in captured.err
+    assert "kwsr.mvn" not in captured.out
+    assert model_server.requests  # the environment's source was used
+    assert "kwsr.mvn" not in assert_only_verified(tmp_path / "up")
