@@ -77,5 +77,36 @@ def run_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "export",
+        help="export the fetched upstream weights to a verified streaming ONNX",
+        description="Parse the Kaldi nnet1 weights, write a streaming ONNX with CMVN folded in and the model's "
+        "contract in its metadata, and install it only if it matches an independent numpy forward pass, "
+        "chunked inference equals one call, and the example recording decodes to 小云小云.",
+    )
+    parser.add_argument("--upstream", type=Path, default=DEFAULT_UPSTREAM_DIR,
+                        help="folder with the fetched upstream files (default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=Path("models/kwsd-xiaoyun.onnx"),
+                        help="where to write the ONNX model (default: %(default)s)")
+    parser.add_argument("--example", type=Path,
+                        help="the model card's example recording (default: UPSTREAM/example/kws_xiaoyunxiaoyun.wav)")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from kwsd.model.export import ExportError, export_model
+
+    try:
+        r = export_model(args.upstream, args.output, args.example)
+    except ExportError as exc:
+        print(f"kwsd model export: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {r.path}: {r.size_bytes} bytes, {r.params} parameters, {r.seconds:.1f} s; "
+          f"max |ONNX - numpy| {r.max_abs_diff:.2g} over {r.compared_frames} frames; chunked vs whole "
+          f"{r.chunk_max_diff:.2g}; example reads {r.greedy_text}; {r.ms_per_frame_cpu:.3f} ms/frame on CPU")
+    return 0
+
+
 # One function per subcommand of ``kwsd model``; adding a subcommand is one more function in this tuple.
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_fetch,)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_fetch, add_export)

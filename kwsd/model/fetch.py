@@ -46,6 +46,10 @@ class FetchError(RuntimeError):
     """A model file could not be obtained or failed its check; the message names the file and the source."""
 
 
+class FileMissing(FetchError):
+    """The source does not have the file at all (HTTP 404/410, or absent from the mirror folder)."""
+
+
 @dataclass(frozen=True)
 class FetchedFile:
     path: str
@@ -125,7 +129,13 @@ def fetch_files(
     obtain = _make_source(source, manifest, retries=retries, timeout=timeout, backoff=backoff)
     results: list[FetchedFile] = []
     for entry in manifest.select(include_optional=include_checkpoints):
-        result = _fetch_one(dest, entry, obtain, show)
+        try:
+            result = _fetch_one(dest, entry, obtain, show)
+        except FileMissing as exc:
+            if not entry.if_present:
+                raise
+            log.info("%s (not needed from this source)", exc)
+            continue
         results.append(result)
         if on_file is not None:
             on_file(result)
@@ -276,7 +286,7 @@ def _make_source(
 def _copy(root: Path, entry: ManifestFile, part: Path, bar: _Progress) -> None:
     src = root / entry.path
     if not src.is_file():
-        raise FetchError(f"{entry.path}: not found in the model mirror {root}")
+        raise FileMissing(f"{entry.path}: not found in the model mirror {root}")
     size = src.stat().st_size
     if size != entry.size:
         raise FetchError(f"{entry.path} in the model mirror {root}: {size} bytes, expected {entry.size}")
@@ -310,7 +320,7 @@ def _download(
             _get_once(url, entry, part, have, bar, timeout)
         except urllib.error.HTTPError as exc:
             if exc.code in (404, 410):
-                raise FetchError(f"{entry.path}: not found at {url} (HTTP {exc.code})") from exc
+                raise FileMissing(f"{entry.path}: not found at {url} (HTTP {exc.code})") from exc
             if exc.code == 416:  # our Range no longer fits the file: start over
                 part.unlink(missing_ok=True)
                 reason = "HTTP 416 for a resumed download"

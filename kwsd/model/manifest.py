@@ -33,6 +33,8 @@ class ManifestFile:
     """Lower-case hex sha256 of the content."""
     required: bool = True
     """Fetched by default; optional files (the PyTorch checkpoints) only on request."""
+    if_present: bool = False
+    """Fetched by default, but a source without it is no error (the example recording; mirrors may lack it)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class Manifest:
 
     def select(self, include_optional: bool = False) -> tuple[ManifestFile, ...]:
         """The files to fetch: the required ones, plus the optional ones when asked."""
-        return tuple(f for f in self.files if f.required or include_optional)
+        return tuple(f for f in self.files if f.required or f.if_present or include_optional)
 
     def file(self, path: str) -> ManifestFile:
         """The entry for upstream ``path``; KeyError naming the path if it is not listed."""
@@ -59,7 +61,7 @@ class Manifest:
 
 
 _TOP_KEYS = {"repository", "revision", "license", "files"}
-_FILE_KEYS = {"path", "size", "sha256", "required"}
+_FILE_KEYS = {"path", "size", "sha256", "required", "if_present"}
 
 
 def load_manifest(path: str | Path | None = None) -> Manifest:
@@ -122,7 +124,10 @@ def parse_manifest(data: Any, source: str = "<manifest>") -> Manifest:
         required = item.get("required", True)
         if not isinstance(required, bool):
             raise fail(f"{key}.required", f"expected true or false, got {required!r}")
-        files.append(ManifestFile(path=rel, size=size, sha256=digest, required=required))
+        if_present = item.get("if_present", False)
+        if not isinstance(if_present, bool):
+            raise fail(f"{key}.if_present", f"expected true or false, got {if_present!r}")
+        files.append(ManifestFile(path=rel, size=size, sha256=digest, required=required, if_present=if_present))
     return Manifest(repository=repository, revision=revision, files=tuple(files), license=license_)
 
 

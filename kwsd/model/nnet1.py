@@ -7,6 +7,7 @@ does not chain is a ``Nnet1Error`` naming the file, the component and the byte o
 from __future__ import annotations
 
 import struct
+from itertools import pairwise
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def _check_component(c: Component, index: int, r: _Reader) -> None:
 def _check_chain(components: list[Component], name: str) -> None:
     if not components:
         raise Nnet1Error(f"{name}: the network has no components")
-    for i, (a, b) in enumerate(zip(components, components[1:], strict=False)):
+    for i, (a, b) in enumerate(pairwise(components)):
         if a.output_dim != b.input_dim:
             raise Nnet1Error(
                 f"{name}: component {i} <{a.kind}> outputs {a.output_dim} values but component {i + 1} "

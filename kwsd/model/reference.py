@@ -1,8 +1,8 @@
 """An independent numpy forward pass of a parsed nnet1 network over a whole utterance.
 
 This is the yardstick the exported ONNX is checked against. It follows nnet1's offline semantics: CMVN applied to
-the input, every component in order, and the Fsmn memory ``out[t] = x[t] + sum_i L[i]*x[t-i*ls] + sum_j R[j-1]*x[t+j*rs]``
-with frames outside the utterance treated as absent (zero).
+the input, every component in order, and the Fsmn memory
+``out[t] = x[t] + sum_i L[i]*x[t-i*ls] + sum_j R[j-1]*x[t+j*rs]`` with frames outside the utterance treated as absent (zero).
 """
 
 from __future__ import annotations
