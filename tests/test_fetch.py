@@ -45,7 +45,8 @@ def assert_only_verified(dest: Path, manifest: Manifest = MANIFEST) -> list[str]
 def test_manifest_pins_upstream_and_matches_the_mirror(model_mirror: Path) -> None:
     assert MANIFEST.repository == "iic/speech_charctc_kws_phone-xiaoyun"
     assert MANIFEST.revision == "3336a553f221e4de6976a3905a1b39da440085ff"
-    optional = sorted(f.path for f in MANIFEST.files if not f.required)
+    optional = sorted(f.path for f in MANIFEST.files if not f.required and not f.if_present)
+    assert [f.path for f in MANIFEST.files if f.if_present] == ["example/kws_xiaoyunxiaoyun.wav"]
     assert optional == [
         "finetune_avg_10.pt",
         "funasr/basetrain_fsmn_4e_l10r2_250_128_fdim80_t2599.pt",
@@ -53,6 +54,8 @@ def test_manifest_pins_upstream_and_matches_the_mirror(model_mirror: Path) -> No
     ]
     assert len(REQUIRED) == 10 and "kwsr.net" in REQUIRED and "funasr/tokens_2599.txt" in REQUIRED
     for entry in MANIFEST.select():
+        if entry.if_present:
+            continue
         path = model_mirror / entry.path
         assert (path.stat().st_size, sha256(path)) == (entry.size, entry.sha256), entry.path
 
@@ -96,8 +99,11 @@ def test_http_fetch_gets_every_required_file(
         assert local.read_bytes() == (model_mirror / rel).read_bytes()
     assert assert_only_verified(dest) == REQUIRED
     # one plain GET per file, in ModelScope's URL layout with the pinned revision
-    assert sorted(r.file_path for r in model_server.requests) == REQUIRED
-    assert all(r.status == 200 and r.range is None for r in model_server.requests)
+    # the example recording is asked for too; this server lacks it (404), which is no error
+    served = [r for r in model_server.requests if r.file_path != "example/kws_xiaoyunxiaoyun.wav"]
+    assert sorted(r.file_path for r in served) == REQUIRED
+    assert all(r.status == 200 and r.range is None for r in served)
+    assert [r.status for r in model_server.requests_for("example/kws_xiaoyunxiaoyun.wav")] == [404]
     tokens = model_server.requests_for("funasr/tokens_2599.txt")[0]
     assert tokens.raw_path == (
         f"/api/v1/models/iic/speech_charctc_kws_phone-xiaoyun/repo?Revision={MANIFEST.revision}"
@@ -137,14 +143,16 @@ def test_present_files_are_not_downloaded_again(model_server: ModelServer, tmp_p
 
     again = fetch_files(dest, model_server.url, **FAST)
     assert {r.status for r in again} == {"present"}
-    assert model_server.requests == []
+    # only the example recording, which this server lacks, is asked for again
+    assert [r.file_path for r in model_server.requests] == ["example/kws_xiaoyunxiaoyun.wav"]
+    model_server.requests.clear()
     assert {p: p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()} == stamps
 
     # a damaged copy is replaced, and only that one is fetched
     (dest / "kwsr.mvn").write_bytes(b"garbage")
     third = fetch_files(dest, model_server.url, **FAST)
     assert [r.path for r in third if r.status == "fetched"] == ["kwsr.mvn"]
-    assert [r.file_path for r in model_server.requests] == ["kwsr.mvn"]
+    assert [r.file_path for r in model_server.requests] == ["kwsr.mvn", "example/kws_xiaoyunxiaoyun.wav"]
     assert assert_only_verified(dest) == REQUIRED
 
 
@@ -199,6 +207,8 @@ def test_missing_or_short_in_mirror_folder(
 ) -> None:
     partial = tmp_path / "mirror"
     for entry in MANIFEST.select():
+        if entry.if_present:
+            continue
         (partial / entry.path).parent.mkdir(parents=True, exist_ok=True)
         data = (model_mirror / entry.path).read_bytes()
         if entry.path != "kwsr.net":
@@ -307,3 +317,19 @@ def test_cli_source_from_env_and_failure_exit(
     assert "kwsr.mvn" not in captured.out
     assert model_server.requests  # the environment's source was used
     assert "kwsr.mvn" not in assert_only_verified(tmp_path / "up")
+
+
+def test_if_present_file_fetched_when_the_source_has_it(model_mirror: Path, audio_dir: Path, tmp_path: Path) -> None:
+    """The example recording is fetched and verified when the mirror has it, skipped when it does not."""
+    mirror = tmp_path / "mirror"
+    for rel in REQUIRED:
+        (mirror / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mirror / rel).write_bytes((model_mirror / rel).read_bytes())
+    assert "example/kws_xiaoyunxiaoyun.wav" not in fetch_model(tmp_path / "a", str(mirror))
+    (mirror / "example").mkdir()
+    (mirror / "example/kws_xiaoyunxiaoyun.wav").write_bytes((audio_dir / "positive/kws_xiaoyunxiaoyun.wav").read_bytes())
+    got = fetch_model(tmp_path / "b", str(mirror))
+    assert sorted(got) == sorted([*REQUIRED, "example/kws_xiaoyunxiaoyun.wav"])
+    (mirror / "example/kws_xiaoyunxiaoyun.wav").write_bytes(b"RIFF" + bytes(144964))
+    with pytest.raises(FetchError, match="example/kws_xiaoyunxiaoyun.wav"):
+        fetch_model(tmp_path / "c", str(mirror))
