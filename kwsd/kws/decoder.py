@@ -1,0 +1,484 @@
+"""CTC keyword decoder: one per stream, fed the model's posteriors, emits keyword hits.
+
+The search is a CTC prefix beam search restricted to ``{blank} + keyword tokens``, in the log
+domain. Per model frame (30 ms) only the top-k tokens above a floor count; a frame whose surviving
+tokens are neither blank nor a keyword token changes nothing. Every prefix remembers, per token, the
+frame and value of its peak posterior; a prefix that ends with a keyword's token sequence is a
+candidate, scored by the geometric mean of those peaks (so thresholds compare across keywords of
+different length) and bounded by duration limits. A hit resets the search and starts a refractory
+period. A candidate fires on the first frame it passes, so ``Hit.score`` is the score at that frame.
+Tokens that peaked longer ago than the longest keyword may last are dropped from the prefixes: a
+keyword run that long is never formed (so it is not counted as rejected either).
+
+Speed: most frames are blank-dominated. A vectorised pass over the whole ``[T, V]`` block finds the
+few frames that carry a keyword token; only those run the Python beam update. A run of blank-only
+frames changes the search in one way only (every prefix ends in blank), applied once. Path scores
+are renormalised after every update, so hours of frames cannot underflow. Frames are processed one
+at a time in order, so detections do not depend on how a stream's frames are split across
+:meth:`KeywordDecoder.step` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+
+BLANK_ID = 0
+"""Token id of the CTC blank (``<blank>``, first line of the token list)."""
+SAMPLES_PER_FRAME = 480
+"""One model frame: 3 fbank frames of 10 ms at 16 kHz."""
+
+_NEG_INF = -math.inf
+_SUM_SLACK = 1e-3
+"""Allowed excess of a posterior row's sum over 1 (float32 softmax rounding) in the top-k shortcut."""
+_MAX_PENDING = 256
+"""Distinct rejected/suppressed candidates remembered for de-duplication, then folded into counts."""
+
+Peaks = tuple[tuple[int, float], ...]
+"""Per token of a prefix: (frame, log posterior) of its peak."""
+
+
+class KeywordError(ValueError):
+    """A keyword that cannot be decoded (unknown character, bad limit); the message names the value."""
+
+
+def load_tokens(path: Path) -> tuple[str, ...]:
+    """Read a token list (one token per line, id = line number - 1; an optional second column is ignored)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise KeywordError(f"token list {path}: {exc.strerror or exc}") from exc
+    tokens = tuple(line.split()[0] if line.strip() else line for line in text.splitlines())
+    if not tokens or tokens[0] != "<blank>":
+        raise KeywordError(f"token list {path}: first token must be <blank>, got {tokens[:1]!r}")
+    return tokens
+
+
+def tokenize(phrase: str, tokens: Sequence[str]) -> tuple[int, ...]:
+    """Token ids of ``phrase``, one per character; whitespace is ignored.
+
+    ``小云小云`` -> ``(1462, 976, 1462, 976)`` with the model's token list. A character missing
+    from ``tokens`` raises :class:`KeywordError` naming it.
+    """
+    index: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        index.setdefault(tok, i)
+    ids: list[int] = []
+    for pos, char in enumerate(phrase):
+        if char.isspace():
+            continue
+        tid = index.get(char)
+        if tid is None:
+            raise KeywordError(
+                f"keyword {phrase!r}: character {char!r} (position {pos}) is not in the model's token list"
+            )
+        if tid == BLANK_ID:
+            raise KeywordError(f"keyword {phrase!r}: character {char!r} is the CTC blank token")
+        ids.append(tid)
+    if not ids:
+        raise KeywordError(f"keyword {phrase!r} is empty")
+    return tuple(ids)
+
+
+@dataclass(frozen=True)
+class Keyword:
+    """One keyword to detect, with its own threshold and duration limits (in model frames)."""
+
+    phrase: str
+    wakeword_id: str
+    token_ids: tuple[int, ...]
+    threshold: float
+    """Minimum length-normalised score (geometric mean of the token peak posteriors), 0 < threshold <= 1."""
+    min_frames: int
+    """Shortest accepted keyword, model frames (first token's peak to last token's peak, inclusive)."""
+    max_frames: int
+    """Longest accepted keyword, model frames."""
+
+    def __post_init__(self) -> None:
+        name = self.wakeword_id or self.phrase
+        if not self.token_ids:
+            raise KeywordError(f"keyword {name!r}: no tokens")
+        for tid in self.token_ids:
+            if not isinstance(tid, int | np.integer) or tid <= BLANK_ID:
+                raise KeywordError(f"keyword {name!r}: token id {tid!r} is not a non-blank token id")
+        if not 0.0 < self.threshold <= 1.0:
+            raise KeywordError(f"keyword {name!r}: threshold {self.threshold!r} is not in (0, 1]")
+        if self.min_frames < 1:
+            raise KeywordError(f"keyword {name!r}: min_frames {self.min_frames!r} is below 1")
+        if self.max_frames < self.min_frames:
+            raise KeywordError(
+                f"keyword {name!r}: max_frames {self.max_frames!r} is below min_frames {self.min_frames!r}"
+            )
+
+    @classmethod
+    def from_phrase(
+        cls,
+        phrase: str,
+        tokens: Sequence[str],
+        *,
+        threshold: float,
+        min_frames: int,
+        max_frames: int,
+        wakeword_id: str = "",
+    ) -> Keyword:
+        """Build a keyword from its spelling; the wake word id defaults to the phrase without spaces."""
+        return cls(
+            phrase=phrase,
+            wakeword_id=wakeword_id or "".join(phrase.split()),
+            token_ids=tokenize(phrase, tokens),
+            threshold=threshold,
+            min_frames=min_frames,
+            max_frames=max_frames,
+        )
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A detection. Frames are stream-absolute model frame indices (inclusive)."""
+
+    keyword: Keyword
+    score: float
+    """Geometric mean of the keyword tokens' peak posteriors."""
+    start_frame: int
+    """Peak frame of the first keyword token."""
+    end_frame: int
+    """Peak frame of the last keyword token."""
+    decided_frame: int
+    """Frame whose posterior completed the decision (>= end_frame): the hit is known after it."""
+
+
+# A hypothesis, per prefix: [log P(paths ending in blank), log P(paths ending in the last token),
+# log P(best single path ending in blank), its peaks, log P(best path ending in the token), its peaks].
+# Peaks follow the most probable single alignment (Viterbi): when paths of one prefix merge, the
+# peaks of the alignment that explains the frames best are kept, whole, so they stay in token order.
+_Hyp = list[Any]
+_B, _NB, _VB, _PKB, _VNB, _PKNB = range(6)
+
+
+def _logaddexp(a: float, b: float) -> float:
+    if a < b:
+        a, b = b, a
+    if b == _NEG_INF:
+        return a
+    return a + math.log1p(math.exp(b - a))
+
+
+def _add_blank(nxt: dict[tuple[int, ...], _Hyp], prefix: tuple[int, ...], p: float, v: float,
+               peaks: Peaks) -> None:
+    cur = nxt.get(prefix)
+    if cur is None:
+        nxt[prefix] = [p, _NEG_INF, v, peaks, _NEG_INF, ()]
+        return
+    cur[_B] = _logaddexp(cur[_B], p)
+    if v > cur[_VB]:
+        cur[_VB] = v
+        cur[_PKB] = peaks
+
+
+def _add_token(nxt: dict[tuple[int, ...], _Hyp], prefix: tuple[int, ...], p: float, v: float,
+               peaks: Peaks) -> None:
+    cur = nxt.get(prefix)
+    if cur is None:
+        nxt[prefix] = [_NEG_INF, p, _NEG_INF, (), v, peaks]
+        return
+    cur[_NB] = _logaddexp(cur[_NB], p)
+    if v > cur[_VNB]:
+        cur[_VNB] = v
+        cur[_PKNB] = peaks
+
+
+def _stale_count(peaks: Peaks, horizon: int) -> int:
+    n = 0
+    for frame, _ in peaks:
+        if frame >= horizon:
+            break
+        n += 1
+    return n
+
+
+class KeywordDecoder:
+    """Per-stream CTC keyword search; :meth:`reset` clears its state. Use from one thread at a time."""
+
+    def __init__(
+        self,
+        keywords: Sequence[Keyword],
+        *,
+        beam: int = 20,
+        top_k: int = 3,
+        token_floor: float = 0.05,
+        refractory_frames: int = 34,
+    ) -> None:
+        if not keywords:
+            raise KeywordError("no keywords to detect")
+        if beam < 1:
+            raise ValueError(f"beam {beam!r} must be at least 1")
+        if top_k < 1:
+            raise ValueError(f"top_k {top_k!r} must be at least 1")
+        if not 0.0 <= token_floor < 1.0:
+            raise ValueError(f"token_floor {token_floor!r} is not in [0, 1)")
+        if refractory_frames < 0:
+            raise ValueError(f"refractory_frames {refractory_frames!r} is negative")
+        self.keywords: tuple[Keyword, ...] = tuple(keywords)
+        self.beam = beam
+        self.top_k = top_k
+        self.token_floor = token_floor
+        self.refractory_frames = refractory_frames
+
+        relevant = sorted({t for kw in self.keywords for t in kw.token_ids})
+        self._rel = np.array([BLANK_ID, *relevant], dtype=np.intp)
+        self._rel_ids: tuple[int, ...] = tuple(int(t) for t in self._rel)
+        self._max_id = int(self._rel.max())
+        self._max_len = max(len(kw.token_ids) for kw in self.keywords)
+        self._max_frames = max(kw.max_frames for kw in self.keywords)
+        # A token at or above this posterior is certainly among the top k of a row summing to at most
+        # 1 + slack: fewer than k other tokens can each exceed it. Only rows with a relevant token
+        # between the floor and this bound need an exact rank check.
+        self._sure = (1.0 + _SUM_SLACK) / (top_k + 1)
+        self.reset()
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget everything: search, refractory period, counters and the expected next frame."""
+        self._reset_search()
+        self._last_hit_end: int | None = None
+        self._next_frame = 0
+        self._rejected = 0
+        self._suppressed = 0
+        self._pending_rejects: set[tuple[int, int]] = set()
+        self._pending_suppressed: set[tuple[int, int]] = set()
+        self._best = [0.0] * len(self.keywords)
+        self.frames = 0
+        """Frames decoded since reset."""
+        self.beam_frames = 0
+        """Frames that ran the beam update (carried a keyword token in the top-k above the floor)."""
+
+    def _reset_search(self) -> None:
+        self._hyps: dict[tuple[int, ...], _Hyp] = {(): [0.0, _NEG_INF, 0.0, (), _NEG_INF, ()]}
+        self._collapsed = True
+
+    @property
+    def rejected(self) -> int:
+        """Candidates that matched a keyword but failed its threshold or duration limits (and never fired)."""
+        return self._rejected + len(self._pending_rejects)
+
+    @property
+    def suppressed(self) -> int:
+        """Candidates that passed but fell inside the refractory period of the previous hit."""
+        return self._suppressed + len(self._pending_suppressed)
+
+    @property
+    def next_frame(self) -> int:
+        """The frame index the next :meth:`step` call may start at (at the earliest)."""
+        return self._next_frame
+
+    def best_score(self, wakeword_id: str | None = None) -> float:
+        """Best candidate score since :meth:`reset` (fired, rejected or suppressed); 0 if none.
+
+        For one keyword (by wake word id) or, by default, all of them. Diagnostics: threshold tuning.
+        """
+        scores = [s for kw, s in zip(self.keywords, self._best, strict=True)
+                  if wakeword_id is None or kw.wakeword_id == wakeword_id]
+        if not scores:
+            raise KeywordError(f"wakeword_id {wakeword_id!r} is not one of this decoder's keywords")
+        return max(scores)
+
+    # --- decoding --------------------------------------------------------------------------------
+
+    def step(self, probs: npt.NDArray[np.floating], first_frame: int) -> list[Hit]:
+        """Decode consecutive model frames ``first_frame .. first_frame+T-1``; return the hits they complete.
+
+        ``probs`` is ``[T, V]`` softmax posteriors (each row sums to 1). Frames must not go backwards
+        across calls; a gap is allowed (its frames count as never heard).
+        """
+        p = np.asarray(probs)
+        if p.ndim != 2:
+            raise ValueError(f"posteriors must be [frames, tokens], got shape {p.shape}")
+        n_frames, vocab = p.shape
+        if vocab <= self._max_id:
+            raise ValueError(f"posteriors have {vocab} tokens; keyword token id {self._max_id} needs more")
+        if first_frame < self._next_frame:
+            raise ValueError(
+                f"first_frame {first_frame} goes back before frame {self._next_frame} already decoded"
+            )
+        self._next_frame = first_frame + n_frames
+        self.frames += n_frames
+        if n_frames == 0:
+            return []
+
+        sub = p[:, self._rel]  # [T, R]; column 0 is blank
+        member = sub > self.token_floor
+        if self.top_k < vocab and self.token_floor < self._sure:
+            unsure = (member & (sub < self._sure)).any(axis=1)
+            if unsure.any():
+                rows = np.flatnonzero(unsure)
+                kth = np.partition(p[rows], vocab - self.top_k, axis=1)[:, vocab - self.top_k]
+                member[rows] &= sub[rows] >= kth[:, None]
+        keyword_rows = member[:, 1:].any(axis=1)
+        blank_only = member[:, 0] & ~keyword_rows
+        rows_idx = np.flatnonzero(keyword_rows)
+
+        if rows_idx.size == 0:
+            if blank_only.any():
+                self._collapse()
+            return []
+
+        hits: list[Hit] = []
+        blank_seen = np.cumsum(blank_only)
+        sub_rows = sub[rows_idx].tolist()
+        member_rows = member[rows_idx].tolist()
+        seen_before = 0
+        rel_ids = self._rel_ids
+        for i, values, keep in zip(rows_idx.tolist(), sub_rows, member_rows, strict=True):
+            seen = int(blank_seen[i])
+            if seen > seen_before:
+                self._collapse()
+            seen_before = seen
+            toks = [(rel_ids[j], math.log(values[j])) for j in range(len(keep)) if keep[j]]
+            hit = self._advance(first_frame + i, toks)
+            if hit is not None:
+                hits.append(hit)
+        if int(blank_seen[-1]) > seen_before:
+            self._collapse()
+        self.beam_frames += int(rows_idx.size)
+        return hits
+
+    def _collapse(self) -> None:
+        """Apply a blank-only frame: every prefix now ends in blank. Ranking is unchanged; idempotent."""
+        if self._collapsed:
+            return
+        for hyp in self._hyps.values():
+            hyp[_B] = _logaddexp(hyp[_B], hyp[_NB])
+            hyp[_NB] = _NEG_INF
+            if hyp[_VNB] > hyp[_VB]:
+                hyp[_VB] = hyp[_VNB]
+                hyp[_PKB] = hyp[_PKNB]
+            hyp[_VNB] = _NEG_INF
+            hyp[_PKNB] = ()
+        self._collapsed = True
+
+    def _advance(self, frame: int, toks: list[tuple[int, float]]) -> Hit | None:
+        """One frame of prefix beam search over the surviving ``(token, log posterior)``; then detect."""
+        nxt: dict[tuple[int, ...], _Hyp] = {}
+        max_len = self._max_len
+        # A token that peaked before the horizon can no longer start a keyword short enough for any
+        # limit: drop it, so a stale alignment cannot stand in for a fresh one of the same tokens.
+        horizon = frame - self._max_frames + 1
+        for prefix, (pb, pnb, vb, pkb, vnb, pknb) in self._hyps.items():
+            if prefix:
+                stale = min(
+                    _stale_count(pkb, horizon) if vb > _NEG_INF else len(prefix),
+                    _stale_count(pknb, horizon) if vnb > _NEG_INF else len(prefix),
+                )
+                if stale == len(prefix) and pnb > _NEG_INF:
+                    stale -= 1  # a token still held decides whether a repeat is a new token
+                if stale:
+                    prefix = prefix[stale:]
+                    pkb = pkb[stale:]
+                    pknb = pknb[stale:]
+            last = prefix[-1] if prefix else -1
+            total = _logaddexp(pb, pnb)
+            if vnb > vb:
+                vbest, pkbest = vnb, pknb
+            else:
+                vbest, pkbest = vb, pkb
+            for tok, lp in toks:
+                if tok == BLANK_ID:
+                    _add_blank(nxt, prefix, total + lp, vbest + lp, pkbest)
+                    continue
+                if tok == last:
+                    # Staying in the last token (no blank between) extends nothing; it may raise
+                    # that token's peak. A repeat is a new token only after a blank.
+                    if pnb > _NEG_INF:
+                        stay = (*pknb[:-1], (frame, lp)) if lp > pknb[-1][1] else pknb
+                        _add_token(nxt, prefix, pnb + lp, vnb + lp, stay)
+                    if pb == _NEG_INF:
+                        continue
+                    p_src, v_src, pk_src = pb, vb, pkb
+                else:
+                    p_src, v_src, pk_src = total, vbest, pkbest
+                new_prefix = (*prefix, tok)
+                new_peaks = (*pk_src, (frame, lp))
+                # Only the last max_len tokens can still become part of a keyword: older ones are
+                # dropped, which also merges prefixes that can no longer be told apart.
+                if len(new_prefix) > max_len:
+                    new_prefix = new_prefix[1:]
+                    new_peaks = new_peaks[1:]
+                _add_token(nxt, new_prefix, p_src + lp, v_src + lp, new_peaks)
+
+        ranked = sorted(nxt.items(), key=lambda item: _logaddexp(item[1][_B], item[1][_NB]), reverse=True)
+        del ranked[self.beam:]
+        top = _logaddexp(ranked[0][1][_B], ranked[0][1][_NB])
+        hyps: dict[tuple[int, ...], _Hyp] = {}
+        for prefix, hyp in ranked:
+            hyp[_B] -= top
+            hyp[_NB] -= top
+            hyp[_VB] -= top
+            hyp[_VNB] -= top
+            hyps[prefix] = hyp
+        self._hyps = hyps
+        self._collapsed = False
+        return self._detect(frame)
+
+    def _detect(self, frame: int) -> Hit | None:
+        """Check the prefixes whose last token peaked at ``frame`` for a keyword ending there."""
+        best: Hit | None = None
+        best_key = (0, 0)
+        for prefix, hyp in self._hyps.items():
+            peaks = hyp[_PKNB]
+            if not peaks or peaks[-1][0] != frame:
+                continue  # unchanged since the previous frame: already judged
+            for k, kw in enumerate(self.keywords):
+                n = len(kw.token_ids)
+                if len(prefix) < n or prefix[-n:] != kw.token_ids:
+                    continue
+                run = peaks[-n:]
+                start, end = run[0][0], run[-1][0]
+                score = math.exp(math.fsum(v for _, v in run) / n)
+                if score > self._best[k]:
+                    self._best[k] = score
+                key = (k, start)
+                duration = end - start + 1
+                if score < kw.threshold or not kw.min_frames <= duration <= kw.max_frames:
+                    self._note(self._pending_rejects, key, True)
+                    log.debug("keyword %s rejected at frame %d: score %.3f, %d frames", kw.wakeword_id, frame,
+                              score, duration)
+                    continue
+                if self._last_hit_end is not None and end - self._last_hit_end < self.refractory_frames:
+                    self._note(self._pending_suppressed, key, False)
+                    continue
+                if best is None or score > best.score:
+                    best = Hit(keyword=kw, score=score, start_frame=start, end_frame=end, decided_frame=frame)
+                    best_key = key
+        if best is None:
+            return None
+        # A candidate that was rejected on its rising edge and fired once its peak grew is not a rejection.
+        self._pending_rejects.discard(best_key)
+        self._pending_suppressed.discard(best_key)
+        self._rejected += len(self._pending_rejects)
+        self._suppressed += len(self._pending_suppressed)
+        self._pending_rejects.clear()
+        self._pending_suppressed.clear()
+        self._last_hit_end = best.end_frame
+        self._reset_search()
+        log.debug("keyword %s hit: score %.3f, frames %d-%d", best.keyword.wakeword_id, best.score,
+                  best.start_frame, best.end_frame)
+        return best
+
+    def _note(self, pending: set[tuple[int, int]], key: tuple[int, int], rejected: bool) -> None:
+        pending.add(key)
+        if len(pending) > _MAX_PENDING:
+            if rejected:
+                self._rejected += len(pending)
+            else:
+                self._suppressed += len(pending)
+            pending.clear()
