@@ -144,6 +144,7 @@ class Publisher:
         self._inbound_errors = 0
         self._announce_pending = threading.Event()
         self._last_warning = 0.0
+        self._last_error = ""
         self.client_id = settings.client_id or f"kwsd-{socket.gethostname()}"
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -328,10 +329,10 @@ class Publisher:
         self._state = "stopped"
 
     def _set_error(self, message: str) -> None:
-        state = f"error: {message}"
-        if state != self._state:
+        if message != self._last_error:  # a repeated failure is logged once, not on every retry
             log.error("MQTT %s (retrying with backoff)", message)
-        self._state = state
+        self._last_error = message
+        self._state = f"error: {message}"
 
     def _describe_connect_error(self, exc: BaseException) -> str:
         s = self.settings
@@ -455,6 +456,7 @@ class Publisher:
         s = self.settings
         self._connections += 1
         self._conn = conn
+        self._last_error = ""
         self._state = "connected"
         if self._connections == 1:
             log.info("MQTT connected to %s:%d as %s", s.host, s.effective_port, self.client_id)
