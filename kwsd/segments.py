@@ -1,9 +1,9 @@
 """Follow-up segments: after a wake, the audio from a pre-roll before the keyword until the speaker stops.
 
-Positions are absolute sample indices of each site's 16 kHz stream, so the cut does not depend on how audio was
-chunked or when the detector reported the wake. A webrtcvad voice-activity detector (30 ms frames) decides when the
-speaker stopped: ``silence_timeout`` of non-speech after at least ``min_speech`` of speech, or ``initial_silence``
-without speech after the keyword; ``max_length`` cuts everything else.
+Positions are absolute sample indices of each site's 16 kHz stream, so the cut does not depend on how
+audio was chunked or when the detector reported the wake. A webrtcvad voice-activity detector (30 ms
+frames) decides when the speaker stopped: ``silence_timeout`` of non-speech after at least ``min_speech``
+of speech, or ``initial_silence`` without speech after the keyword; ``max_length`` cuts everything else.
 """
 
 from __future__ import annotations
@@ -113,10 +113,11 @@ class _Recording:
 
 
 class SegmentRecorder:
-    """Cuts follow-up segments for any number of sites; call from one thread (the detector's or the supervisor's).
+    """Cuts follow-up segments for any number of sites; call from one thread (the detector's or the
+    supervisor's).
 
-    Keeps ``pre_roll + lookback`` seconds of history per site, so ``start()`` may come after the keyword ended (the
-    detector's delay) as long as the keyword start is still in that window.
+    Keeps ``pre_roll + lookback`` seconds of history per site, so ``start()`` may come after the keyword ended
+    (the detector's delay) as long as the keyword start is still in that window.
     """
 
     def __init__(self, settings: SegmentSettings, sample_rate: int = 16000) -> None:
@@ -125,12 +126,12 @@ class SegmentRecorder:
         self.settings = settings
         self.sample_rate = sample_rate
         self._frame = sample_rate * VAD_FRAME_MS // 1000
-        self._history_len = int(round((settings.pre_roll + settings.lookback) * sample_rate))
-        self._pre_roll = int(round(settings.pre_roll * sample_rate))
-        self._max_len = int(round(settings.max_length * sample_rate))
-        self._silence = int(round(settings.silence_timeout * sample_rate))
-        self._initial_silence = int(round(settings.initial_silence * sample_rate))
-        self._min_speech = int(round(settings.min_speech * sample_rate))
+        self._history_len = round((settings.pre_roll + settings.lookback) * sample_rate)
+        self._pre_roll = round(settings.pre_roll * sample_rate)
+        self._max_len = round(settings.max_length * sample_rate)
+        self._silence = round(settings.silence_timeout * sample_rate)
+        self._initial_silence = round(settings.initial_silence * sample_rate)
+        self._min_speech = round(settings.min_speech * sample_rate)
         self._history: dict[str, _History] = {}
         self._active: dict[str, _Recording] = {}
         self._vad: dict[str, webrtcvad.Vad] = {}
@@ -207,7 +208,7 @@ class SegmentRecorder:
         self._advance(site, rec)
 
     def flush(self, site: str | None = None) -> list[Segment]:
-        """End the recordings in progress (all sites, or one) with reason ``stopped``, plus any finished ones."""
+        """End recordings in progress (all sites, or one) as ``stopped``; returns them and any finished."""
         for name in [site] if site is not None else list(self._active):
             rec = self._active.pop(name, None)
             if rec is not None:

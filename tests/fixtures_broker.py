@@ -7,7 +7,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,23 +33,65 @@ class TlsFiles:
 
 
 def make_tls_files(folder: Path) -> TlsFiles:
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made with the openssl CLI."""
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (openssl CLI)."""
     folder.mkdir(parents=True, exist_ok=True)
 
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=30)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=kwsd test CA",
-        "-keyout", "ca.key", "-out", "ca.crt")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kwsd test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
     (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name, cn in (("server", "localhost"), ("client", "kwsd client")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={cn}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+        )
         extra = ["-extfile", "san.ext"] if name == "server" else []
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "2", "-out", f"{name}.crt", *extra)
-    return TlsFiles(folder / "ca.crt", folder / "server.crt", folder / "server.key",
-                    folder / "client.crt", folder / "client.key")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            f"{name}.crt",
+            *extra,
+        )
+    return TlsFiles(
+        folder / "ca.crt",
+        folder / "server.crt",
+        folder / "server.key",
+        folder / "client.crt",
+        folder / "client.key",
+    )
 
 
 @dataclass
@@ -64,14 +106,25 @@ class Broker:
     host: str = "127.0.0.1"
 
     def config(self) -> Path:
-        lines = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr", "user root",
-                 "log_type error", "log_type warning", "log_type notice"]
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "persistence false",
+            "log_dest stderr",
+            "user root",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+        ]
         if self.users:
             pw = self.folder / "passwd"
             pw.write_text("")
             for user, password in self.users.items():
-                subprocess.run(["mosquitto_passwd", "-b", str(pw), user, password], check=True, timeout=30,
-                               capture_output=True)
+                subprocess.run(
+                    ["mosquitto_passwd", "-b", str(pw), user, password],
+                    check=True,
+                    timeout=30,
+                    capture_output=True,
+                )
             lines += ["allow_anonymous false", f"password_file {pw}"]
         else:
             lines.append("allow_anonymous true")
@@ -84,7 +137,7 @@ class Broker:
     def start(self) -> None:
         assert self.proc is None
         self.folder.mkdir(parents=True, exist_ok=True)
-        log = open(self.folder / "mosquitto.log", "ab")  # noqa: SIM115 - closed by the process' exit
+        log = open(self.folder / "mosquitto.log", "ab")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.config())], stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + 10
@@ -119,13 +172,20 @@ class Subscriber:
     def __init__(self, broker: Broker, *topics: str, **tls_auth: str) -> None:
         self.messages: list[mqtt.MQTTMessage] = []
         self.cond = threading.Condition()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}")
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}"
+        )
         if "username" in tls_auth:
             self.client.username_pw_set(tls_auth["username"], tls_auth.get("password"))
         if "ca" in tls_auth:
             self.client.tls_set(ca_certs=tls_auth["ca"])
         subscribed = threading.Event()
-        self.client.on_connect = lambda c, u, f, rc, p: [c.subscribe(t, qos=1) for t in topics]
+
+        def on_connect(c: mqtt.Client, u: object, f: object, rc: object, p: object) -> None:
+            for t in topics:
+                c.subscribe(t, qos=1)
+
+        self.client.on_connect = on_connect
         self.client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
@@ -139,7 +199,7 @@ class Subscriber:
             self.cond.notify_all()
 
     def wait_for(self, count: int, topic_prefix: str = "", timeout: float = 10.0) -> list[mqtt.MQTTMessage]:
-        """The messages whose topic starts with ``topic_prefix``, once there are ``count`` of them (or fail)."""
+        """The messages whose topic starts with ``topic_prefix``, once there are ``count`` (else fail)."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
@@ -149,7 +209,9 @@ class Subscriber:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     got = [m.topic for m in self.messages]
-                    raise AssertionError(f"expected {count} message(s) on {topic_prefix!r}*, got topics {got}")
+                    raise AssertionError(
+                        f"expected {count} message(s) on {topic_prefix!r}*, got topics {got}"
+                    )
                 self.cond.wait(left)
 
     def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
@@ -160,7 +222,7 @@ class Subscriber:
         self.client.loop_stop()
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

@@ -21,8 +21,17 @@ from kwsd.mqtt.messages import (
 )
 
 WAKE = WakeEvent(
-    site_id="kitchen", wakeword_id="小云小云", keyword="小云小云", score=0.71, threshold=0.2, start=12.34,
-    end=13.1, session_id="s-1", device="USB Mic", energy=-23.5, latency=260.0,
+    site_id="kitchen",
+    wakeword_id="小云小云",
+    keyword="小云小云",
+    score=0.71,
+    threshold=0.2,
+    start=12.34,
+    end=13.1,
+    session_id="s-1",
+    device="USB Mic",
+    energy=-23.5,
+    latency=260.0,
 )
 
 
@@ -30,8 +39,20 @@ def test_wake_event_round_trip_and_keys() -> None:
     payload = WAKE.to_payload()
     assert WakeEvent.from_payload(payload) == WAKE
     data = json.loads(payload)
-    assert set(data) == {"siteId", "wakewordId", "keyword", "score", "threshold", "start", "end", "timestamp",
-                         "sessionId", "device", "energy", "latency"}
+    assert set(data) == {
+        "siteId",
+        "wakewordId",
+        "keyword",
+        "score",
+        "threshold",
+        "start",
+        "end",
+        "timestamp",
+        "sessionId",
+        "device",
+        "energy",
+        "latency",
+    }
     assert data["timestamp"].endswith("Z") and data["keyword"] == "小云小云"
     assert WakeEvent.topic("kwsd", "kitchen") == "kwsd/kitchen/wake"
 
@@ -53,11 +74,21 @@ def test_wake_event_rejects_malformed(payload: bytes, problem: str) -> None:
 
 
 def test_hermes_messages_round_trip() -> None:
-    detected = HotwordDetected(model_id="xiaoyun", site_id="kitchen", session_id="s-1", current_sensitivity=0.8)
+    detected = HotwordDetected(
+        model_id="xiaoyun", site_id="kitchen", session_id="s-1", current_sensitivity=0.8
+    )
     assert HotwordDetected.from_payload(detected.to_payload()) == detected
     assert set(json.loads(detected.to_payload())) == {
-        "modelId", "modelVersion", "modelType", "currentSensitivity", "siteId", "sessionId", "sendAudioCaptured",
-        "lang", "customEntities"}
+        "modelId",
+        "modelVersion",
+        "modelType",
+        "currentSensitivity",
+        "siteId",
+        "sessionId",
+        "sendAudioCaptured",
+        "lang",
+        "customEntities",
+    }
     assert HotwordDetected.topic("xiaoyun") == "hermes/hotword/xiaoyun/detected"
     off = HotwordToggle(enabled=False, site_id="kitchen", reason="ttsSay")
     assert off.topic() == "hermes/hotword/toggleOff"
@@ -70,16 +101,30 @@ def test_hermes_messages_round_trip() -> None:
 
 
 def test_segment_announcement_round_trip() -> None:
-    ann = SegmentAnnouncement(site_id="a", session_id="s", topic="kwsd/a/segment/s", start=1.0, duration=2.5,
-                              pre_roll=0.3, reason="silence", size=80044)
+    ann = SegmentAnnouncement(
+        site_id="a",
+        session_id="s",
+        topic="kwsd/a/segment/s",
+        start=1.0,
+        duration=2.5,
+        pre_roll=0.3,
+        reason="silence",
+        size=80044,
+    )
     assert SegmentAnnouncement.from_payload(ann.to_payload()) == ann
     with pytest.raises(MessageError, match="unknown value"):
         SegmentAnnouncement.from_payload(ann.to_payload().replace(b"silence", b"bored"))
 
 
 def test_home_assistant_discovery_and_event() -> None:
-    d = HaEventDiscovery("homeassistant", "kwsd", "living room", "kwsd/living room/event",
-                         ("kwsd/status", "kwsd/living room/status"), "0.1.0")
+    d = HaEventDiscovery(
+        "homeassistant",
+        "kwsd",
+        "living room",
+        "kwsd/living room/event",
+        ("kwsd/status", "kwsd/living room/status"),
+        "0.1.0",
+    )
     assert d.topic() == "homeassistant/event/kwsd/wake_living_room/config"
     cfg = json.loads(d.to_payload())
     assert cfg["event_types"] == ["detected"]

@@ -1,9 +1,10 @@
 """The MQTT publisher: one connection loop with backoff, an on-disk outbox, Hermes and Home Assistant topics.
 
-One thread owns the broker connection. Each attempt builds a fresh paho client (so nothing from a dead session is
-replayed behind the outbox's back), connects, subscribes, announces retained state and then drives paho's network
-loop itself while feeding the outbox into the connection. Callers (detector, segment recorder) only append to the
-outbox: publishing never blocks audio and nothing queued is lost when the broker or the daemon restarts.
+One thread owns the broker connection. Each attempt builds a fresh paho client (so nothing from a dead
+session is replayed behind the outbox's back), connects, subscribes, announces retained state and then
+drives paho's network loop itself while feeding the outbox into the connection. Callers (detector, segment
+recorder) only append to the outbox: publishing never blocks audio and nothing queued is lost when the
+broker or the daemon restarts.
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ class _Connection:
 class Publisher:
     """Publishes wakes and segments to the broker and turns inbound Hermes/HA messages into callbacks.
 
-    ``on_toggle(site, enabled, reason)`` and ``on_audio(site, samples)`` run on the publisher's thread; keep them
-    short (copy the audio into a ring and return). Exceptions they raise are logged, never propagated.
+    ``on_toggle(site, enabled, reason)`` and ``on_audio(site, samples)`` run on the publisher's thread; keep
+    them short (copy the audio into a ring and return). Exceptions they raise are logged, never propagated.
     """
 
     def __init__(
@@ -293,7 +294,7 @@ class Publisher:
                 topics.append(AudioFrame.topic("+"))
         return topics
 
-    # ---- the connection loop (publisher thread) -------------------------------------------------------------
+    # ---- the connection loop (publisher thread) ------------------------------------------------------------
 
     def _stopping(self) -> bool:
         if self._external_stop.is_set() and not self._halt.is_set():
@@ -338,7 +339,10 @@ class Publisher:
         s = self.settings
         where = f"broker {s.host}:{s.effective_port}"
         if isinstance(exc, ssl.SSLCertVerificationError):
-            return f"TLS verification of {where} failed: {exc.verify_message} (check mqtt.tls.ca_file, mqtt.host)"
+            return (
+                f"TLS verification of {where} failed: "
+                f"{exc.verify_message} (check mqtt.tls.ca_file, mqtt.host)"
+            )
         if isinstance(exc, ssl.SSLError):
             return f"TLS handshake with {where} failed: {exc} (check mqtt.tls, mqtt.port)"
         if isinstance(exc, ConnectionRefusedError):
@@ -541,7 +545,10 @@ class Publisher:
             who = (
                 f"mqtt.username={s.username!r}" if s.username else "anonymous login (mqtt.username is empty)"
             )
-            conn.refused = f"broker {s.host}:{s.effective_port} refused {who}: {name} (check mqtt.password/password_file)"
+            conn.refused = (
+                f"broker {s.host}:{s.effective_port} refused {who}: {name} "
+                "(check mqtt.password/password_file)"
+            )
         elif rc.value in (2, 133):
             conn.refused = (
                 f"broker {s.host}:{s.effective_port} rejected mqtt.client_id={self.client_id!r}: {name}"
@@ -572,7 +579,7 @@ class Publisher:
             self._dispatch(topic, payload)
         except MessageError as exc:
             self._inbound_error(topic, str(exc))
-        except Exception as exc:  # noqa: BLE001 - nothing inbound may take the publisher down
+        except Exception as exc:
             log.exception("MQTT handling a message on %r failed", topic)
             self._inbound_error(topic, f"internal error: {exc}")
 

@@ -37,7 +37,7 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _load_object(payload: bytes, what: str) -> dict[str, Any]:
+def _load_object(payload: bytes | bytearray, what: str) -> dict[str, Any]:
     try:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -153,7 +153,7 @@ class WakeEvent:
         return _dump(self.to_dict())
 
     @classmethod
-    def from_payload(cls, payload: bytes) -> WakeEvent:
+    def from_payload(cls, payload: bytes | bytearray) -> WakeEvent:
         d = _load_object(payload, cls.WHAT)
         w = cls.WHAT
         return cls(
@@ -226,7 +226,7 @@ class SegmentAnnouncement:
         )
 
     @classmethod
-    def from_payload(cls, payload: bytes) -> SegmentAnnouncement:
+    def from_payload(cls, payload: bytes | bytearray) -> SegmentAnnouncement:
         d = _load_object(payload, cls.WHAT)
         w = cls.WHAT
         reason = _get(d, w, "reason", str)
@@ -290,7 +290,7 @@ class HotwordDetected:
         )
 
     @classmethod
-    def from_payload(cls, payload: bytes) -> HotwordDetected:
+    def from_payload(cls, payload: bytes | bytearray) -> HotwordDetected:
         d = _load_object(payload, cls.WHAT)
         w = cls.WHAT
         return cls(
@@ -327,7 +327,7 @@ class HotwordToggle:
         return _dump({"siteId": self.site_id, "reason": self.reason})
 
     @classmethod
-    def from_payload(cls, payload: bytes, enabled: bool) -> HotwordToggle:
+    def from_payload(cls, payload: bytes | bytearray, enabled: bool) -> HotwordToggle:
         w = "hermes hotword " + ("toggleOn" if enabled else "toggleOff")
         d = _load_object(payload, w)
         return cls(
@@ -361,7 +361,7 @@ class HotwordError:
         )
 
     @classmethod
-    def from_payload(cls, payload: bytes) -> HotwordError:
+    def from_payload(cls, payload: bytes | bytearray) -> HotwordError:
         d = _load_object(payload, cls.WHAT)
         w = cls.WHAT
         return cls(
@@ -407,7 +407,9 @@ class AudioFrame:
         return cls(wav=to_wav(samples, sample_rate), site_id=site_id)
 
     @classmethod
-    def from_payload(cls, payload: bytes, site_id: str = "default", max_bytes: int = 262144) -> AudioFrame:
+    def from_payload(
+        cls, payload: bytes | bytearray, site_id: str = "default", max_bytes: int = 262144
+    ) -> AudioFrame:
         if len(payload) > max_bytes:
             raise MessageError(f"{cls.WHAT}: frame of {len(payload)} bytes exceeds the limit of {max_bytes}")
         frame = cls(wav=bytes(payload), site_id=site_id)

@@ -1,8 +1,8 @@
 """Bounded on-disk outbox: every QoS 1 message waits here until the broker acknowledged it (PUBACK).
 
-A sqlite3 file in WAL mode, so it survives broker outages and daemon restarts; rows are delivered in insertion order
-and deleted only on acknowledgement. When the byte bound is reached the oldest segments are dropped before any
-event; every drop is counted and logged.
+A sqlite3 file in WAL mode, so it survives broker outages and daemon restarts; rows are delivered in
+insertion order and deleted only on acknowledgement. When the byte bound is reached the oldest segments
+are dropped before any event; every drop is counted and logged.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 Kind = Literal["event", "segment"]
-"""``event``: small messages (wake, announcements) kept as long as possible; ``segment``: WAV audio, dropped first."""
+"""``event``: small messages (wake, announcements) kept as long as possible; ``segment``: WAV audio, dropped
+first."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,9 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
-                "payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, kind TEXT NOT NULL, "
+                "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, "
+                "kind TEXT NOT NULL, "
                 "size INTEGER NOT NULL)"
             )
         except sqlite3.DatabaseError as exc:
