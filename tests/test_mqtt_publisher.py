@@ -6,6 +6,9 @@ import dataclasses
 import json
 import logging
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -397,3 +400,35 @@ def test_publisher_threads_stop(broker: Broker, tmp_path: Path) -> None:
     thread.join(5)
     assert not thread.is_alive()
     pub.stop()
+
+
+def test_killed_daemon_goes_offline_through_the_last_will(broker: Broker, tmp_path: Path) -> None:
+    code = f"""
+import sys, time, threading
+from pathlib import Path
+from kwsd.mqtt.client import Publisher
+from kwsd.settings import MqttSettings
+pub = Publisher(MqttSettings(port={broker.port}, client_id="k9"), Path({str(tmp_path / "o")!r}), ["a"])
+pub.start()
+for _ in range(500):
+    if pub.connected:
+        break
+    time.sleep(0.01)
+print("connected" if pub.connected else "not connected", flush=True)
+time.sleep(30)
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"connected"
+        sub = Subscriber(broker, "kwsd/status")
+        wait_until(lambda: [m.payload for m in sub.messages] == [b"online"], 5, "retained online")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(5)
+        wait_until(lambda: [m.payload for m in sub.messages] == [b"online", b"offline"], 5, "Last Will")
+        sub.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
