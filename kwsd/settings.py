@@ -88,8 +88,164 @@ class InputSettings:
 
 
 @dataclass(frozen=True)
+class MqttTlsSettings:
+    """TLS towards the broker; enabled when ``enabled`` is true or any file below is set."""
+
+    enabled: bool = False
+    """Use TLS even without a custom CA (the system trust store verifies the broker)."""
+    ca_file: Path | None = None
+    """PEM file with the CA certificate(s) that signed the broker's certificate; default: the system store."""
+    cert_file: Path | None = None
+    """PEM client certificate for brokers that require client authentication (needs ``key_file``)."""
+    key_file: Path | None = None
+    """PEM private key of ``cert_file``."""
+    insecure: bool = False
+    """Skip the check that the broker's certificate names ``host`` (the chain is still verified)."""
+
+    @property
+    def active(self) -> bool:
+        return self.enabled or self.ca_file is not None or self.cert_file is not None
+
+    def validate(self, key: str) -> None:
+        if self.cert_file is not None and self.key_file is None:
+            raise ConfigError(f"{key}.key_file", "required when cert_file is set (the certificate's key)")
+        if self.key_file is not None and self.cert_file is None:
+            raise ConfigError(f"{key}.cert_file", "required when key_file is set")
+        self.check_files(key)
+
+    def check_files(self, key: str, relative_too: bool = False) -> None:
+        """Raise ``ConfigError`` naming the setting of a TLS file that does not exist.
+
+        At load time relative paths are not yet resolved against the config folder, so only absolute ones are
+        checked there; the publisher checks all of them (``relative_too``) before it connects.
+        """
+        for name in ("ca_file", "cert_file", "key_file"):
+            path: Path | None = getattr(self, name)
+            if path is None or (not path.is_absolute() and not relative_too):
+                continue
+            if not path.is_file():
+                raise ConfigError(f"{key}.{name}", f"file not found: {path}")
+
+
+@dataclass(frozen=True)
+class HomeAssistantSettings:
+    """Home Assistant MQTT discovery: one ``event`` entity per site."""
+
+    enabled: bool = True
+    """Publish discovery configs and the wake on each site's event entity."""
+    discovery_prefix: str = "homeassistant"
+    """Home Assistant's discovery prefix; its birth message is expected on ``<discovery_prefix>/status``."""
+    node_id: str = "kwsd"
+    """Node id in discovery topics and the device identifier; use one per daemon when several run."""
+
+
+@dataclass(frozen=True)
+class SatelliteSettings:
+    """Remote satellites sending audio to kwsd on ``hermes/audioServer/<siteId>/audioFrame`` (WAV chunks)."""
+
+    enabled: bool = False
+    """Accept satellite audio at all."""
+    sites: tuple[str, ...] = ()
+    """siteIds accepted; empty accepts every site."""
+    max_frame_bytes: int = 262144
+    """Largest accepted audioFrame payload, bytes; larger ones are rejected (hermes/error/hotword)."""
+
+    def validate(self, key: str) -> None:
+        if self.max_frame_bytes < 64:
+            raise ConfigError(f"{key}.max_frame_bytes", f"must be at least 64, got {self.max_frame_bytes}")
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """On-disk queue of messages not yet acknowledged by the broker; survives broker and daemon restarts."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    """Bound on payload bytes kept; when reached, the oldest segments go first, then the oldest events."""
+    max_inflight: int = 20
+    """QoS 1 messages sent and not yet acknowledged at any time."""
+
+    def validate(self, key: str) -> None:
+        if self.max_bytes < 4096:
+            raise ConfigError(f"{key}.max_bytes", f"must be at least 4096, got {self.max_bytes}")
+        if self.max_inflight < 1:
+            raise ConfigError(f"{key}.max_inflight", f"must be at least 1, got {self.max_inflight}")
+
+
+@dataclass(frozen=True)
 class MqttSettings:
     """Broker connection and the topic conventions kwsd publishes."""
+
+    enabled: bool = True
+    """Publish to a broker at all."""
+    host: str = "127.0.0.1"
+    """Broker host name or address."""
+    port: int = 0
+    """Broker port; 0 means 1883, or 8883 with TLS."""
+    tls: MqttTlsSettings = field(default_factory=MqttTlsSettings)
+    username: str = ""
+    """User name for the broker; empty means anonymous."""
+    password: str = ""
+    """Password for ``username``; prefer ``password_file``."""
+    password_file: Path | None = None
+    """File whose first line is the password (keeps it out of the config)."""
+    client_id: str = ""
+    """MQTT client id; empty means ``kwsd-<hostname>``."""
+    keepalive: int = 30
+    """Seconds between keepalive pings; the broker declares kwsd offline after 1.5 × this without traffic."""
+    connect_timeout: float = 5.0
+    """Seconds to wait for the TCP/TLS connection and the broker's CONNACK."""
+    reconnect_min: float = 0.5
+    """First delay before reconnecting, seconds; doubles on each failure."""
+    reconnect_max: float = 30.0
+    """Longest delay between reconnect attempts, seconds."""
+    prefix: str = "kwsd"
+    """Topic prefix of the native topics (``<prefix>/<siteId>/wake``, ``<prefix>/status``)."""
+    qos: int = 1
+    """QoS of wake events and segments (0 or 1); retained status and discovery use QoS 1."""
+    hermes: bool = True
+    """Speak the Rhasspy/Snips Hermes protocol (hotword detected, toggleOn/Off, errors)."""
+    home_assistant: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
+    satellites: SatelliteSettings = field(default_factory=SatelliteSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (8883 if self.tls.active else 1883)
+
+    def validate(self, key: str) -> None:
+        k = f"{key}." if key else ""
+        if not self.host:
+            raise ConfigError(f"{k}host", "must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{k}port", f"must be 0..65535, got {self.port}")
+        if self.qos not in (0, 1):
+            raise ConfigError(f"{k}qos", f"must be 0 or 1, got {self.qos}")
+        if not 5 <= self.keepalive <= 65535:
+            raise ConfigError(f"{k}keepalive", f"must be 5..65535 seconds, got {self.keepalive}")
+        if self.connect_timeout <= 0:
+            raise ConfigError(f"{k}connect_timeout", f"must be positive, got {self.connect_timeout}")
+        if not 0 < self.reconnect_min <= self.reconnect_max:
+            raise ConfigError(f"{k}reconnect_min", "must be positive and at most reconnect_max")
+        if self.password and self.password_file is not None:
+            raise ConfigError(f"{k}password_file", "set either password or password_file, not both")
+        if (self.password or self.password_file is not None) and not self.username:
+            raise ConfigError(f"{k}username", "required when a password is set")
+        if self.password_file is not None and self.password_file.is_absolute():
+            if not self.password_file.is_file():
+                raise ConfigError(f"{k}password_file", f"file not found: {self.password_file}")
+        for name, value in (("prefix", self.prefix), ("home_assistant.node_id", self.home_assistant.node_id)):
+            if not value or any(c in value for c in "+#") or value.startswith("/") or value.endswith("/"):
+                raise ConfigError(f"{k}{name}", f"not a usable topic part: {value!r}")
+
+    def read_password(self, key: str = "mqtt") -> str:
+        """The password from ``password`` or ``password_file``; errors name ``<key>.password_file``."""
+        if self.password_file is None:
+            return self.password
+        try:
+            lines = self.password_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"{key}.password_file", f"cannot read {self.password_file}: {exc}") from exc
+        return lines[0] if lines else ""
 
 
 # --- follow-up segments (kwsd/segments.py) ---------------------------------------------------------------------
@@ -98,6 +254,36 @@ class MqttSettings:
 @dataclass(frozen=True)
 class SegmentSettings:
     """The audio published after a wake: pre-roll, then speech until silence or the maximum length."""
+
+    enabled: bool = True
+    """Record and publish a follow-up segment after each wake."""
+    pre_roll: float = 0.3
+    """Seconds of audio before the keyword's start included at the beginning of the segment."""
+    silence_timeout: float = 0.8
+    """Seconds of continuous non-speech after speech that end the segment."""
+    initial_silence: float = 3.0
+    """Seconds after the keyword without any speech that end the segment (nobody went on talking)."""
+    min_speech: float = 0.15
+    """Seconds of speech after the keyword needed before a silence can end the segment."""
+    max_length: float = 10.0
+    """Longest segment in seconds, pre-roll and keyword included; a longer utterance is cut here."""
+    vad_aggressiveness: int = 2
+    """webrtcvad mode 0..3: higher rejects more non-speech."""
+    lookback: float = 4.0
+    """Seconds of audio kept per site besides the pre-roll: the longest keyword plus the detector's delay."""
+
+    def validate(self, key: str) -> None:
+        k = f"{key}." if key else ""
+        if not 0 <= self.vad_aggressiveness <= 3:
+            raise ConfigError(f"{k}vad_aggressiveness", f"must be 0..3, got {self.vad_aggressiveness}")
+        for name in ("pre_roll", "min_speech"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{k}{name}", f"must not be negative, got {getattr(self, name)}")
+        for name in ("silence_timeout", "initial_silence", "max_length", "lookback"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{k}{name}", f"must be positive, got {getattr(self, name)}")
+        if self.max_length <= self.pre_roll:
+            raise ConfigError(f"{k}max_length", f"must be longer than pre_roll ({self.pre_roll} s)")
 
 
 # --- service: state, metrics, logging (kwsd/app.py, kwsd/metrics.py, kwsd/logs.py) -----------------------------

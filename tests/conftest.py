@@ -16,7 +16,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+<<<<<<< .merge_file_HIigKJ
 pytest_plugins: list[str] = ["tests.fixtures_fetch"]
+=======
+pytest_plugins: list[str] = ["tests.fixtures_broker"]
+>>>>>>> .merge_file_aZdbYO
 
 
 def _env_dir(name: str) -> Path:
