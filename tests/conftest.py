@@ -16,11 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-<<<<<<< .merge_file_HIigKJ
-pytest_plugins: list[str] = ["tests.fixtures_fetch"]
-=======
-pytest_plugins: list[str] = ["tests.fixtures_broker"]
->>>>>>> .merge_file_aZdbYO
+pytest_plugins: list[str] = ["tests.fixtures_fetch", "tests.fixtures_broker"]
 
 
 def _env_dir(name: str) -> Path:

@@ -41,7 +41,8 @@ class ModelSession:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"model file {self.path} not found (run `kwsd model export`, or set model.path)")
-        ort.set_default_logger_severity(3)
+        # CUDA libraries missing on a CPU-only host is expected; the fallback is logged below instead.
+        ort.set_default_logger_severity(4)
         available = set(ort.get_available_providers())
         wanted = [p for p in providers if p != CPU]
         unknown = [p for p in wanted if p not in available]
