@@ -48,8 +48,9 @@ class KeywordSettings:
     """The keyword, spelled with characters the model knows (spaces are ignored)."""
     id: str = ""
     """Wake word id used in topics and payloads (``wakewordId``); defaults to the phrase."""
-    threshold: float = 0.2
-    """Detection threshold on the length-normalised keyword score (0..1); higher means fewer false wakes."""
+    threshold: float = 0.25
+    """Detection threshold on the length-normalised keyword score (0..1); higher means fewer false wakes.
+    Choose it with ``kwsd eval`` on your own recordings."""
     min_duration: float = 0.25
     """Shortest plausible keyword, seconds."""
     max_duration: float = 2.5
@@ -70,10 +71,11 @@ class DetectorSettings:
     """Model frames (30 ms each) gathered per stream before one batched inference step."""
     beam: int = 20
     """Prefixes kept by the CTC prefix beam search."""
-    top_k: int = 3
-    """Tokens considered per frame."""
-    token_floor: float = 0.05
-    """Tokens below this posterior are ignored."""
+    top_k: int = 10
+    """Tokens considered per frame (a keyword token must rank among the top k)."""
+    token_floor: float = 0.01
+    """Tokens below this posterior are ignored. Low enough that one keyword syllable the model half-hears
+    (e.g. 小 heard as 导 at 0.02) can still complete the keyword; the threshold then decides."""
 
 
 # --- audio inputs (kwsd/audio) ---------------------------------------------------------------------------------
