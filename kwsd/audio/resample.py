@@ -32,7 +32,10 @@ class StreamResampler:
         self.passthrough = self.up == self.down
         max_rate = max(self.up, self.down)
         self.half_len = 10 * max_rate
-        h = firwin(2 * self.half_len + 1, 1.0 / max_rate, window=("kaiser", 5.0)) * self.up
+        if self.passthrough:
+            h = np.ones(1)
+        else:
+            h = firwin(2 * self.half_len + 1, 1.0 / max_rate, window=("kaiser", 5.0)) * self.up
         # Polyphase bank: phase p holds h[p], h[p+up], ...; row j multiplies x[n0 - j].
         self.taps = -(-h.size // self.up)
         bank = np.zeros((self.up, self.taps))
