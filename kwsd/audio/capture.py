@@ -88,6 +88,9 @@ class _Source:
     failure: str = ""
     finished: bool = False
 
+    def begin(self) -> None:
+        """Start delivering (after the input can see the source)."""
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -199,6 +202,8 @@ class _ReplaySource(_Source):
         self.xruns = 0
         self.ring = Ring(max(1, int(settings.buffer_seconds * self.rate)), self.channels, np.int16)
         self._thread = threading.Thread(target=self._feed, name=f"kwsd-replay-{settings.label}", daemon=True)
+
+    def begin(self) -> None:
         self._thread.start()
 
     def _read(self, frames: int) -> bytes:
@@ -242,7 +247,8 @@ class _ReplaySource(_Source):
     def close(self) -> None:
         self._halt.set()
         if self._wav is not None:
-            self._thread.join(timeout=1.0)
+            if self._thread.is_alive():
+                self._thread.join(timeout=1.0)
             self._wav.close()
 
 
@@ -345,6 +351,7 @@ class InputWorker(threading.Thread):
                     self._sleep(backoff)
                     backoff = min(backoff * 2, hi)
                     continue
+                self._source.begin()
                 st = self.status
                 st.rate, st.channels = self._source.rate, self._source.channels
                 self._set_state("running")
@@ -445,6 +452,8 @@ class InputWorker(threading.Thread):
     def _deliver(self, out: np.ndarray, sites: list[str]) -> None:
         if out.shape[0] == 0:
             return
+        if out.ndim == 1:
+            out = out[:, None]
         for i, site in enumerate(sites):
             self.rings[site].write(out[:, i])
         self.status.samples += out.shape[0]
