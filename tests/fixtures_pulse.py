@@ -1,8 +1,10 @@
 """A real PulseAudio server for the session, with pipe sources that tests feed at real-time pace.
 
-Usage: ``src = pulse_server.pipe_source("room", rate=48000, channels=2)``; ``feeder = src.play(samples)`` writes
+Usage: ``src = pulse_server.pipe_source("room", rate=48000, channels=2)``; ``feeder = src.play(samples)``
+writes
 the int16 frames at real-time pace from a thread (then silence, so the source keeps delivering, until
-``feeder.stop()``); ``src.play_wav(path)`` does the same with a WAV file; ``pulse_server.unload(src)`` unplugs it and
+``feeder.stop()``); ``src.play_wav(path)`` does the same with a WAV file; ``pulse_server.unload(src)``
+unplugs it and
 ``src.reload()`` plugs it back. Everything is stopped at the end of the session.
 """
 
@@ -90,7 +92,9 @@ class PipeSource:
         """Play a 16-bit WAV with this source's rate and channel count into the source at real-time pace."""
         with wave.open(str(path), "rb") as wav:
             if (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) != (self.rate, self.channels, 2):
-                raise ValueError(f"{path} does not match source {self.name} ({self.rate} Hz, {self.channels} ch)")
+                raise ValueError(
+                    f"{path} does not match source {self.name} ({self.rate} Hz, {self.channels} ch)"
+                )
             data = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
         return self.play(data, silence_after)
 
@@ -118,7 +122,8 @@ class PulseServer:
         self.env.pop("PULSE_SERVER", None)
         subprocess.run(
             ["pulseaudio", "-n", "-F", str(base / "test.pa"), "--daemonize=yes", "--exit-idle-time=-1",
-             "--disallow-exit", "--disable-shm=yes", f"--log-target=file:{base / 'pa.log'}", "--use-pid-file=yes"],
+             "--disallow-exit", "--disable-shm=yes", f"--log-target=file:{base / 'pa.log'}",
+             "--use-pid-file=yes"],
             env=self.env, check=True, timeout=20,
         )
         self.server = f"unix:{self.socket}"
@@ -171,7 +176,9 @@ class PulseServer:
 def pulse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PulseServer]:
     """A private PulseAudio server; ``PULSE_SERVER`` points at it for the whole session."""
     if shutil.which("pulseaudio") is None:
-        pytest.fail("pulseaudio is not installed (apt-get install pulseaudio pulseaudio-utils libasound2-plugins)")
+        pytest.fail(
+            "pulseaudio is not installed (apt-get install pulseaudio pulseaudio-utils libasound2-plugins)"
+        )
     base = tmp_path_factory.mktemp("pulse")
     server = PulseServer(base)
     old = os.environ.get("PULSE_SERVER")

@@ -11,7 +11,6 @@ import pytest
 from tests.conftest import REPO
 from tests.fixtures_pulse import PulseServer
 
-
 # The ``devices`` command as ``kwsd devices`` registers it (fresh process: PortAudio enumerates at start-up).
 DEVICES = (
     "import argparse, sys; from kwsd.audio import cli; p = argparse.ArgumentParser(prog='kwsd'); "

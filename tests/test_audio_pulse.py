@@ -1,4 +1,5 @@
-"""Capture through a real PulseAudio server: named sources, exact samples, resampled channels, unplug/replug."""
+"""Capture through a real PulseAudio server: named sources, exact samples, resampled channels,
+unplug/replug."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ pytestmark = pytest.mark.pulse
 
 
 def collect(hub: AudioHub, sites: list[str], seconds: float, until=None) -> dict[str, tuple[np.ndarray, int]]:
-    """Read every site for at most ``seconds``; returns the concatenated samples and the first index per site."""
+    """Read every site for at most ``seconds``; returns the concatenated samples and the first index per
+    site."""
     got: dict[str, list[np.ndarray]] = {s: [] for s in sites}
     first: dict[str, int] = {}
     nxt: dict[str, int] = {}
@@ -58,7 +60,7 @@ def test_16k_source_arrives_bit_exact(pulse_server: PulseServer) -> None:
             x = np.concatenate(got["kitchen"]) if got["kitchen"] else np.zeros(0, np.int16)
             return feeder.done.is_set() and x.size > 16000 * 3
 
-        got, first = collect(hub, ["kitchen"], 8.0, complete)["kitchen"]
+        got, _first = collect(hub, ["kitchen"], 8.0, complete)["kitchen"]
         hits = [i for i in range(got.size - marker.size) if np.array_equal(got[i : i + marker.size], marker)]
         assert len(hits) == 1, "the marker arrives once, unchanged"
         i = hits[0] + marker.size

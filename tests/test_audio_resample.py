@@ -42,7 +42,7 @@ def test_no_click_at_block_boundaries(rate: int) -> None:
     ideal = np.sin(2 * np.pi * 1000 * np.arange(y.size) / 16000) * 16000
     body = slice(200, y.size - 200)
     err = np.abs(y[body].astype(np.float64) - ideal[body])
-    assert err.max() < 40, "the resampled tone is within 0.25 % of the ideal tone everywhere, boundaries included"
+    assert err.max() < 40, "within 0.25 % of the ideal tone everywhere, block boundaries included"
     d2 = np.abs(np.diff(y.astype(np.float64), 2))
     inner = [b for b in bounds if 200 < b < y.size - 200]
     assert d2[[b - 1 for b in inner]].max() <= d2[body].max() + 1

@@ -1,12 +1,18 @@
-"""One input: opens its device (or file, or stdin), keeps it running, and turns its channels into 16 kHz sites.
+"""One input: opens its device (or file, or stdin), keeps it running, and turns its channels into 16 kHz
+sites.
 
-Per input: the source (PortAudio callback or replay feeder thread) copies native-rate interleaved frames into a
-preallocated ring; the input's own thread takes them from there, picks each site's channel, resamples to 16 kHz
+Per input: the source (PortAudio callback or replay feeder thread) copies native-rate interleaved frames into
+a
+preallocated ring; the input's own thread takes them from there, picks each site's channel, resamples to 16
+kHz
 and appends to one 16 kHz ring per site. Readers (the hub) keep a cursor per site.
 
-Recovery: a device that delivers nothing for ``stall_timeout`` seconds, reports an error, or whose PulseAudio source
-disappears is aborted (never ``stop()``, which can hang) and reopened by name with doubling backoff; a source that
-PulseAudio reports back wakes the input at once. The 16 kHz index of a site counts delivered samples: it continues
+Recovery: a device that delivers nothing for ``stall_timeout`` seconds, reports an error, or whose PulseAudio
+source
+disappears is aborted (never ``stop()``, which can hang) and reopened by name with doubling backoff; a source
+that
+PulseAudio reports back wakes the input at once. The 16 kHz index of a site counts delivered samples: it
+continues
 from where it stopped, so a gap in the audio is not filled with invented samples and time simply jumps.
 """
 
@@ -71,7 +77,8 @@ class InputStatus:
     rate: int = 0
     channels: int = 0
     overruns: int = 0
-    """Readers that fell more than the ring behind (capture side and site side), plus PortAudio input overflows."""
+    """Readers that fell more than the ring behind (capture side and site side), plus PortAudio input
+    overflows."""
     reopens: int = 0
     samples: int = 0
     """16 kHz samples delivered per site."""
@@ -116,7 +123,9 @@ class _DeviceSource(_Source):
             self.channels = settings.channels or needed
             self.rate = settings.rate or self._probe_rate(sd, device_index)
         if needed > self.channels:
-            raise DeviceError(f"{kind} device {dev!r} has {self.channels} channels; sites need channel {needed - 1}")
+            raise DeviceError(
+                f"{kind} device {dev!r} has {self.channels} channels; sites need channel {needed - 1}"
+            )
         self.xruns = 0
         self.ring = Ring(max(1, int(settings.buffer_seconds * self.rate)), self.channels, np.int16)
         ring = self.ring
@@ -153,7 +162,9 @@ class _DeviceSource(_Source):
         errors = []
         for rate in _PROBE_RATES:
             try:
-                sd.check_input_settings(device=device_index, samplerate=rate, channels=self.channels, dtype="int16")
+                sd.check_input_settings(
+                    device=device_index, samplerate=rate, channels=self.channels, dtype="int16"
+                )
                 return rate
             except Exception as exc:
                 errors.append(f"{rate} Hz: {exc}")
@@ -170,7 +181,8 @@ class _DeviceSource(_Source):
 
 
 class _ReplaySource(_Source):
-    """A WAV file or raw s16le stdin, fed into the ring by a thread at real-time pace or as fast as it is read."""
+    """A WAV file or raw s16le stdin, fed into the ring by a thread at real-time pace or as fast as it is
+    read."""
 
     def __init__(
         self, settings: InputSettings, kind: Kind, backlog: Callable[[], float], halt: threading.Event
@@ -198,7 +210,9 @@ class _ReplaySource(_Source):
             self.channels = settings.channels or max(settings.site_map()) + 1
         needed = max(settings.site_map()) + 1
         if needed > self.channels:
-            raise DeviceError(f"{settings.device} has {self.channels} channels; sites need channel {needed - 1}")
+            raise DeviceError(
+                f"{settings.device} has {self.channels} channels; sites need channel {needed - 1}"
+            )
         self.xruns = 0
         self.ring = Ring(max(1, int(settings.buffer_seconds * self.rate)), self.channels, np.int16)
         self._thread = threading.Thread(target=self._feed, name=f"kwsd-replay-{settings.label}", daemon=True)

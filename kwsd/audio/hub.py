@@ -1,7 +1,10 @@
-"""AudioHub: all inputs of the config, each channel a site, read as 16 kHz int16 mono by absolute sample index.
+"""AudioHub: all inputs of the config, each channel a site, read as 16 kHz int16 mono by absolute sample
+index.
 
-Capture never waits for the detector (rings overwrite the oldest audio and count it) and the detector never waits
-for capture (``read`` returns whatever is new, possibly nothing). A failing or stalled input is reopened on its own
+Capture never waits for the detector (rings overwrite the oldest audio and count it) and the detector never
+waits
+for capture (``read`` returns whatever is new, possibly nothing). A failing or stalled input is reopened on
+its own
 thread and never affects the others.
 """
 
@@ -103,7 +106,8 @@ class AudioHub:
             w.source_changed(present)
 
     def update(self, inputs: Sequence[InputSettings]) -> None:
-        """Apply a new list of inputs: unchanged ones keep capturing (and their sites' indices), removed ones stop,
+        """Apply a new list of inputs: unchanged ones keep capturing (and their sites' indices), removed ones
+        stop,
         new ones start."""
         _check_sites(inputs)
         with self._lock:
@@ -138,7 +142,8 @@ class AudioHub:
     def read(self, site: str) -> tuple[np.ndarray, int]:
         """New 16 kHz int16 mono samples of ``site`` since the last read, and the absolute index of the first.
 
-        Never blocks. If the reader fell more than ``buffer_seconds`` behind, the oldest samples are skipped (the
+        Never blocks. If the reader fell more than ``buffer_seconds`` behind, the oldest samples are skipped
+        (the
         index says where the data really starts) and counted as overruns.
         """
         worker = self._by_site.get(site)
@@ -147,7 +152,8 @@ class AudioHub:
         return worker.read(site)
 
     def history(self, site: str, start: int, frames: int) -> tuple[np.ndarray, int]:
-        """Up to ``frames`` 16 kHz samples of ``site`` from absolute index ``start`` (still in the ring), without
+        """Up to ``frames`` 16 kHz samples of ``site`` from absolute index ``start`` (still in the ring),
+        without
         moving the read cursor; for cutting pre-roll and follow-up segments."""
         worker = self._by_site[site]
         data, actual = worker.rings[site].read(start, frames)

@@ -1,11 +1,15 @@
 """PortAudio (sounddevice) with named devices.
 
 Debian's PortAudio only has the ALSA host API and only enumerates devices at start-up, so neither a PulseAudio
-source nor an ALSA name such as ``hw:CARD=USB,DEV=0`` can be opened directly. kwsd therefore adds an ALSA config
-file of its own (via ``ALSA_CONFIG_PATH``, after the system's ``alsa.conf``) that defines a fixed number of slots
+source nor an ALSA name such as ``hw:CARD=USB,DEV=0`` can be opened directly. kwsd therefore adds an ALSA
+config
+file of its own (via ``ALSA_CONFIG_PATH``, after the system's ``alsa.conf``) that defines a fixed number of
+slots
 ``kwsd_slot_N``. PortAudio enumerates them once; an input that needs a device rewrites its slot
-(``type pulse; device "<source>"`` or ``type empty; slave.pcm "<alsa name>"``) and opens it. alsa-lib re-reads a
-changed config file on every ``snd_pcm_open``, so any number of named sources can be opened, and later ones added,
+(``type pulse; device "<source>"`` or ``type empty; slave.pcm "<alsa name>"``) and opens it. alsa-lib
+re-reads a
+changed config file on every ``snd_pcm_open``, so any number of named sources can be opened, and later ones
+added,
 in one process without re-initialising PortAudio (which would close every running stream).
 """
 
@@ -67,7 +71,8 @@ class _Slots:
         self._dir = Path(tempfile.mkdtemp(prefix="kwsd-alsa-"))
         atexit.register(shutil.rmtree, self._dir, True)
         self._write()
-        base = os.environ.get("ALSA_CONFIG_PATH") or (str(SYSTEM_ALSA_CONF) if SYSTEM_ALSA_CONF.exists() else "")
+        system = str(SYSTEM_ALSA_CONF) if SYSTEM_ALSA_CONF.exists() else ""
+        base = os.environ.get("ALSA_CONFIG_PATH") or system
         os.environ["ALSA_CONFIG_PATH"] = f"{base}:{self.path}" if base else str(self.path)
         already = "sounddevice" in sys.modules
         import sounddevice as sd
@@ -82,7 +87,8 @@ class _Slots:
             int(n[len(SLOT_PREFIX) :]): i for i, n in enumerate(names) if n.startswith(SLOT_PREFIX)
         }
         if not self._index:
-            log.warning("PortAudio did not list kwsd's ALSA slots (%s): named devices cannot be opened", self.path)
+            log.warning("PortAudio did not list kwsd's ALSA slots (%s): named devices cannot be opened",
+                        self.path)
         self._sd = sd
 
     def _write(self) -> None:
@@ -99,7 +105,9 @@ class _Slots:
         with self._lock:
             free = [i for i in sorted(self._index) if i not in self._defs]
             if not free:
-                raise RuntimeError(f"all {len(self._index)} kwsd ALSA slots are in use; cannot open another device")
+                raise RuntimeError(
+                    f"all {len(self._index)} kwsd ALSA slots are in use; cannot open another device"
+                )
             slot = free[0]
             self._defs[slot] = body
             self._write()

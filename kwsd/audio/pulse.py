@@ -1,4 +1,5 @@
-"""PulseAudio sources by name (pulsectl): listing with rate and channels, and a watcher for plug/unplug events."""
+"""PulseAudio sources by name (pulsectl): listing with rate and channels, and a watcher for plug/unplug
+events."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ class PulseSource:
 
 
 class _SourceInfo(pulsectl.PulseSourceInfo):
-    """pulsectl keeps ``sample_spec`` as a view into freed memory; copy rate and channels while it is valid."""
+    """pulsectl keeps ``sample_spec`` as a view into freed memory; copy rate and channels while it is
+    valid."""
 
     def __init__(self, struct: Any) -> None:
         self.rate = int(struct.sample_spec.rate)
@@ -39,7 +41,8 @@ class _Pulse(pulsectl.Pulse):
 
 
 def connect(client: str = "kwsd") -> pulsectl.Pulse:
-    """A pulsectl connection (to ``PULSE_SERVER`` or the user's server); raises ``PulseError`` naming the problem."""
+    """A pulsectl connection (to ``PULSE_SERVER`` or the user's server); raises ``PulseError`` naming the
+    problem."""
     try:
         return _Pulse(client)
     except pulsectl.PulseError as exc:
@@ -65,7 +68,8 @@ def list_sources(pulse: Any | None = None) -> list[PulseSource]:
 
 
 def find_source(name: str) -> PulseSource:
-    """The source called ``name``; ``LookupError`` naming it (and what exists) if the server has no such source."""
+    """The source called ``name``; ``LookupError`` naming it (and what exists) if the server has no such
+    source."""
     sources = list_sources()
     for s in sources:
         if s.name == name:

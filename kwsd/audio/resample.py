@@ -2,8 +2,10 @@
 
 The filter is the one ``scipy.signal.resample_poly`` designs (Kaiser-windowed sinc, ``half_len = 10 * max(up,
 down)``) and the output samples sit at the same instants, so resampling a stream block by block gives the same
-samples as resampling it in one call: nothing is padded or trimmed at block boundaries (no clicks). The price is a
-look-ahead of ``half_len / up`` input samples (0.6 ms for 48 kHz, 0.6 ms for 44.1 kHz), released by ``flush()``.
+samples as resampling it in one call: nothing is padded or trimmed at block boundaries (no clicks). The price
+is a
+look-ahead of ``half_len / up`` input samples (0.6 ms for 48 kHz, 0.6 ms for 44.1 kHz), released by
+``flush()``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from scipy.signal import firwin
 class StreamResampler:
     """Resample a stream of (frames,) or (frames, channels) blocks from ``rate_in`` to ``rate_out``.
 
-    int16 blocks give int16 output (rounded, clipped); float blocks give float64. Equal rates pass through unchanged.
+    int16 blocks give int16 output (rounded, clipped); float blocks give float64. Equal rates pass through
+    unchanged.
     """
 
     def __init__(self, rate_in: int, rate_out: int = 16000, channels: int = 1) -> None:
@@ -74,7 +77,8 @@ class StreamResampler:
         return self._emit(m_stop, mono)
 
     def flush(self) -> np.ndarray:
-        """End of stream: produce the remaining outputs as if zeros followed (same length as resample_poly)."""
+        """End of stream: produce the remaining outputs as if zeros followed (same length as
+        resample_poly)."""
         if self.passthrough:
             return np.zeros((0,) if self.channels == 1 else (0, self.channels), dtype=self._dtype or np.int16)
         total = -(-self._n_in * self.up // self.down)

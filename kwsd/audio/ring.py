@@ -1,7 +1,9 @@
 """A preallocated, bounded ring of audio frames addressed by absolute sample index.
 
-One writer (the capture callback) and any number of readers. The writer never blocks and never allocates: it copies
-the block in and advances ``end``. Readers ask for data from an absolute index; if the writer has already overwritten
+One writer (the capture callback) and any number of readers. The writer never blocks and never allocates: it
+copies
+the block in and advances ``end``. Readers ask for data from an absolute index; if the writer has already
+overwritten
 it, they get what is still there, ``actual_start`` tells them where it begins, and the loss is counted.
 """
 
@@ -14,7 +16,8 @@ import numpy.typing as npt
 class Ring:
     """Bounded ring buffer of ``channels``-wide frames with an absolute frame index.
 
-    ``end`` is the absolute index after the newest frame; the oldest frame still held is ``max(0, end - capacity)``.
+    ``end`` is the absolute index after the newest frame; the oldest frame still held is ``max(0, end -
+    capacity)``.
     ``overruns`` counts reads that asked for frames already overwritten, ``lost`` the frames they missed.
     """
 
