@@ -85,6 +85,92 @@ class DetectorSettings:
 class InputSettings:
     """One capture device, file or stdin; its channels feed one site each."""
 
+    device: str = "default"
+    """What to capture: a PulseAudio source name (``pactl list short sources``), an ALSA pcm name
+    (``default``,
+    ``hw:CARD=USB,DEV=0``, ``plughw:CARD=PCH,DEV=0``), a WAV file to replay, or ``-`` for raw s16le on stdin.
+    Devices are selected by name, so card numbers that change across reboots do not matter (``kwsd
+    devices``)."""
+    kind: Literal["auto", "pulse", "alsa", "file", "stdin"] = "auto"
+    """How to open ``device``; ``auto``: ``-`` is stdin, an existing file or a ``.wav`` path is a file, a
+    name with
+    ``:`` or ``default``/``pulse``/``sysdefault`` is ALSA, anything else a PulseAudio source."""
+    name: str = ""
+    """Name of this input in logs and status; defaults to ``device``."""
+    rate: int = 0
+    """Native sample rate to open the device at, Hz; 0 takes the source's own rate (PulseAudio source, WAV
+    header,
+    ALSA: the first of 48000, 44100, 16000 the device accepts; stdin: 16000). Audio is resampled to 16 kHz."""
+    channels: int = 0
+    """Channels to open; 0 takes the source's own count (PulseAudio source, WAV header), else the highest
+    channel
+    named in ``sites`` plus one."""
+    sites: dict[int, str] = field(default_factory=dict)
+    """Channel index (0-based) -> siteId; each listed channel becomes its own stream. Empty: channel 0 is the
+    site
+    named like the input."""
+    realtime: bool = True
+    """Replay (file or stdin) at real-time pace; false feeds it as fast as the pipeline takes it."""
+    block_ms: int = 20
+    """Capture block length, milliseconds (device latency vs. wake-ups per second)."""
+    buffer_seconds: float = 30.0
+    """Audio kept per input and per site (native and 16 kHz rings); readers that fall further behind lose
+    audio
+    (counted as overruns)."""
+    stall_timeout: float = 2.0
+    """Seconds without audio from a live device before it is closed and reopened."""
+    reopen_backoff: tuple[float, float] = (0.5, 30.0)
+    """First and longest wait between reopen attempts, seconds (doubling in between)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.device
+
+    def site_map(self) -> dict[int, str]:
+        """Channel -> siteId, with the default single site filled in."""
+        return dict(self.sites) if self.sites else {0: self.label}
+
+    def validate(self, key: str) -> None:
+        pre = f"{key}." if key else ""
+        if not self.device:
+            raise ConfigError(f"{pre}device", "must name a device, a file or '-' for stdin")
+        if self.rate < 0:
+            raise ConfigError(f"{pre}rate", f"must be positive (or 0 for the source's rate), got {self.rate}")
+        if self.channels < 0:
+            raise ConfigError(
+                f"{pre}channels",
+                f"must be positive (or 0 for the source's count), got {self.channels}"
+            )
+        for ch, site in self.sites.items():
+            if ch < 0 or (self.channels and ch >= self.channels):
+                have = "no negative channels"
+                if self.channels:
+                    have = f"{self.channels} channels (0..{self.channels - 1})"
+                raise ConfigError(f"{pre}sites.{ch}", f"channel {ch} is out of range: input has {have}")
+            if not site:
+                raise ConfigError(f"{pre}sites.{ch}", "siteId must not be empty")
+        names = list(self.site_map().values())
+        for site in names:
+            if names.count(site) > 1:
+                raise ConfigError(f"{pre}sites", f"siteId {site!r} is used by more than one channel")
+        if not 1 <= self.block_ms <= 1000:
+            raise ConfigError(f"{pre}block_ms", f"must be 1..1000, got {self.block_ms}")
+        if self.buffer_seconds < 1.0:
+            raise ConfigError(f"{pre}buffer_seconds", f"must be at least 1 second, got {self.buffer_seconds}")
+        if self.stall_timeout <= 0:
+            raise ConfigError(f"{pre}stall_timeout", f"must be positive, got {self.stall_timeout}")
+        if len(self.reopen_backoff) != 2:
+            raise ConfigError(
+                f"{pre}reopen_backoff",
+                f"needs two numbers [first, longest], got {self.reopen_backoff}"
+            )
+        lo, hi = self.reopen_backoff
+        if not 0 < lo <= hi:
+            raise ConfigError(
+                f"{pre}reopen_backoff",
+                f"needs 0 < first <= longest, got {list(self.reopen_backoff)}"
+            )
+
 
 # --- MQTT (kwsd/mqtt) ------------------------------------------------------------------------------------------
 

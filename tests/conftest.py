@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytest_plugins: list[str] = ["tests.fixtures_fetch", "tests.fixtures_broker"]
+pytest_plugins: list[str] = ["tests.fixtures_fetch", "tests.fixtures_broker", "tests.fixtures_pulse"]
 
 
 def _env_dir(name: str) -> Path:

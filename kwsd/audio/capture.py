@@ -1,0 +1,494 @@
+"""One input: opens its device (or file, or stdin), keeps it running, and turns its channels into 16 kHz
+sites.
+
+Per input: the source (PortAudio callback or replay feeder thread) copies native-rate interleaved frames into
+a
+preallocated ring; the input's own thread takes them from there, picks each site's channel, resamples to 16
+kHz
+and appends to one 16 kHz ring per site. Readers (the hub) keep a cursor per site.
+
+Recovery: a device that delivers nothing for ``stall_timeout`` seconds, reports an error, or whose PulseAudio
+source
+disappears is aborted (never ``stop()``, which can hang) and reopened by name with doubling backoff; a source
+that
+PulseAudio reports back wakes the input at once. The 16 kHz index of a site counts delivered samples: it
+continues
+from where it stopped, so a gap in the audio is not filled with invented samples and time simply jumps.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import wave
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import numpy as np
+
+from kwsd.audio import portaudio
+from kwsd.audio.resample import StreamResampler
+from kwsd.audio.ring import Ring
+from kwsd.settings import InputSettings
+
+log = logging.getLogger(__name__)
+
+RATE = 16000
+"""The pipeline's sample rate."""
+
+Kind = Literal["pulse", "alsa", "file", "stdin"]
+State = Literal["starting", "running", "reopening", "failed", "finished", "stopped"]
+
+_ALSA_WORDS = ("default", "pulse", "sysdefault", "dmix", "dsnoop")
+_PROBE_RATES = (48000, 44100, 16000)
+
+
+class DeviceError(RuntimeError):
+    """A device cannot be opened or stopped delivering; the message names the device."""
+
+
+def resolve_kind(settings: InputSettings) -> Kind:
+    """What ``settings.device`` is (``kind: auto`` guesses from the name)."""
+    if settings.kind != "auto":
+        return settings.kind
+    dev = settings.device
+    if dev == "-":
+        return "stdin"
+    if dev.lower().endswith((".wav", ".wave")) or "/" in dev or Path(dev).is_file():
+        return "file"
+    if ":" in dev or dev in _ALSA_WORDS:
+        return "alsa"
+    return "pulse"
+
+
+@dataclass
+class InputStatus:
+    """What one input is doing; ``status()`` returns a snapshot."""
+
+    name: str
+    device: str
+    kind: str
+    sites: list[str]
+    state: State = "starting"
+    rate: int = 0
+    channels: int = 0
+    overruns: int = 0
+    """Readers that fell more than the ring behind (capture side and site side), plus PortAudio input
+    overflows."""
+    reopens: int = 0
+    samples: int = 0
+    """16 kHz samples delivered per site."""
+    last_error: str = ""
+    since: float = field(default_factory=time.monotonic)
+
+
+class _Source:
+    """An opened source that fills ``ring`` with native frames; ``failure`` is set once it cannot go on."""
+
+    ring: Ring
+    rate: int
+    channels: int
+    failure: str = ""
+    finished: bool = False
+
+    def begin(self) -> None:
+        """Start delivering (after the input can see the source)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _DeviceSource(_Source):
+    def __init__(self, settings: InputSettings, kind: Kind, device_index: int) -> None:
+        sd = portaudio.sounddevice()
+        self.settings = settings
+        dev = settings.device
+        needed = max(settings.site_map()) + 1
+        if kind == "pulse":
+            from kwsd.audio import pulse
+
+            try:
+                src = pulse.find_source(dev)
+            except pulse.PulseError as exc:
+                raise DeviceError(f"PulseAudio source {dev!r}: {exc}") from exc
+            except LookupError as exc:
+                raise DeviceError(str(exc)) from exc
+            self.rate = settings.rate or src.rate
+            self.channels = settings.channels or max(src.channels, needed)
+        else:
+            self.channels = settings.channels or needed
+            self.rate = settings.rate or self._probe_rate(sd, device_index)
+        if needed > self.channels:
+            raise DeviceError(
+                f"{kind} device {dev!r} has {self.channels} channels; sites need channel {needed - 1}"
+            )
+        self.xruns = 0
+        self.ring = Ring(max(1, int(settings.buffer_seconds * self.rate)), self.channels, np.int16)
+        ring = self.ring
+
+        def callback(indata: np.ndarray, frames: int, t: Any, status: Any) -> None:
+            if status:
+                self.xruns += 1
+            ring.write(indata)
+
+        def finished() -> None:
+            if not self.failure:
+                self.failure = f"{kind} device {dev!r} stopped delivering (stream ended)"
+
+        what = f"PulseAudio source {dev!r}" if kind == "pulse" else f"ALSA device {dev!r}"
+        try:
+            self.stream = sd.InputStream(
+                device=device_index,
+                samplerate=self.rate,
+                channels=self.channels,
+                dtype="int16",
+                blocksize=max(1, self.rate * settings.block_ms // 1000),
+                callback=callback,
+                finished_callback=finished,
+            )
+        except Exception as exc:  # PortAudioError, ValueError for impossible settings
+            raise DeviceError(f"cannot open {what} at {self.rate} Hz, {self.channels} ch: {exc}") from exc
+        try:
+            self.stream.start()
+        except Exception as exc:
+            self.stream.close(ignore_errors=True)
+            raise DeviceError(f"cannot start {what}: {exc}") from exc
+
+    def _probe_rate(self, sd: Any, device_index: int) -> int:
+        errors = []
+        for rate in _PROBE_RATES:
+            try:
+                sd.check_input_settings(
+                    device=device_index, samplerate=rate, channels=self.channels, dtype="int16"
+                )
+                return rate
+            except Exception as exc:
+                errors.append(f"{rate} Hz: {exc}")
+        raise DeviceError(f"ALSA device {self.settings.device!r} cannot be opened: {'; '.join(errors)}")
+
+    def alive(self) -> bool:
+        return self.stream.active
+
+    def close(self) -> None:
+        try:
+            self.stream.abort(ignore_errors=True)
+        finally:
+            self.stream.close(ignore_errors=True)
+
+
+class _ReplaySource(_Source):
+    """A WAV file or raw s16le stdin, fed into the ring by a thread at real-time pace or as fast as it is
+    read."""
+
+    def __init__(
+        self, settings: InputSettings, kind: Kind, backlog: Callable[[], float], halt: threading.Event
+    ) -> None:
+        self.settings = settings
+        self._backlog = backlog
+        self._halt = halt
+        self._fh: BinaryIO
+        self._wav: wave.Wave_read | None = None
+        if kind == "file":
+            path = Path(settings.device)
+            try:
+                self._wav = wave.open(str(path), "rb")
+            except (OSError, EOFError, wave.Error) as exc:
+                raise DeviceError(f"cannot replay {path}: {exc}") from exc
+            if self._wav.getsampwidth() != 2:
+                raise DeviceError(f"cannot replay {path}: only 16-bit PCM WAV is supported")
+            self.rate = self._wav.getframerate()
+            self.channels = self._wav.getnchannels()
+            if settings.rate and settings.rate != self.rate:
+                raise DeviceError(f"{path} is {self.rate} Hz but the input says rate {settings.rate}")
+        else:
+            self._fh = sys.stdin.buffer
+            self.rate = settings.rate or RATE
+            self.channels = settings.channels or max(settings.site_map()) + 1
+        needed = max(settings.site_map()) + 1
+        if needed > self.channels:
+            raise DeviceError(
+                f"{settings.device} has {self.channels} channels; sites need channel {needed - 1}"
+            )
+        self.xruns = 0
+        self.ring = Ring(max(1, int(settings.buffer_seconds * self.rate)), self.channels, np.int16)
+        self._thread = threading.Thread(target=self._feed, name=f"kwsd-replay-{settings.label}", daemon=True)
+
+    def begin(self) -> None:
+        self._thread.start()
+
+    def _read(self, frames: int) -> bytes:
+        if self._wav is not None:
+            return self._wav.readframes(frames)
+        return self._fh.read(frames * 2 * self.channels)
+
+    def _feed(self) -> None:
+        block = max(1, self.rate * self.settings.block_ms // 1000)
+        t0 = time.monotonic()
+        sent = 0
+        width = 2 * self.channels
+        pending = b""
+        try:
+            while not self._halt.is_set():
+                if not self.settings.realtime:
+                    while self._backlog() > 0.5 and not self._halt.is_set():
+                        self._halt.wait(0.005)
+                chunk = self._read(block)
+                if not chunk:
+                    break
+                data = pending + chunk
+                usable = len(data) - len(data) % width
+                pending = data[usable:]
+                if usable == 0:
+                    continue
+                frames = np.frombuffer(data[:usable], dtype="<i2").reshape(-1, self.channels)
+                if self.settings.realtime:
+                    delay = t0 + sent / self.rate - time.monotonic()
+                    if delay > 0:
+                        self._halt.wait(delay)
+                self.ring.write(frames)
+                sent += frames.shape[0]
+        except (OSError, ValueError, wave.Error) as exc:
+            self.failure = f"reading {self.settings.device}: {exc}"
+        self.finished = True
+
+    def alive(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._halt.set()
+        if self._wav is not None:
+            if self._thread.is_alive():
+                self._thread.join(timeout=1.0)
+            self._wav.close()
+
+
+class InputWorker(threading.Thread):
+    """Runs one input for its whole life; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: InputSettings,
+        stop: threading.Event,
+        notify: Callable[[], None],
+    ) -> None:
+        super().__init__(name=f"kwsd-input-{settings.label}", daemon=True)
+        self.settings = settings
+        self.kind: Kind = resolve_kind(settings)
+        self.site_channels = settings.site_map()
+        self._stop_all = stop
+        self._halt = threading.Event()
+        self._wake = threading.Event()
+        self._gone = threading.Event()
+        self._notify = notify
+        cap = max(1, int(settings.buffer_seconds * RATE))
+        self.rings: dict[str, Ring] = {site: Ring(cap, 1, np.int16) for site in self.site_channels.values()}
+        self.cursors: dict[str, int] = dict.fromkeys(self.rings, 0)
+        self._lock = threading.Lock()  # cursors (several reader threads may call read)
+        self.status = InputStatus(settings.label, settings.device, self.kind, list(self.rings))
+        self._device_index: int | None = None
+        self._source: _Source | None = None
+        self._source_overruns = 0
+        self._native_cursor = 0
+        self._delivered_since_open = False
+
+    # ---- reader side -------------------------------------------------------------------------------------
+    def read(self, site: str) -> tuple[np.ndarray, int]:
+        ring = self.rings[site]
+        with self._lock:
+            data, start = ring.read(self.cursors[site])
+            self.cursors[site] = start + data.shape[0]
+        return data[:, 0], start
+
+    def pending(self) -> bool:
+        return any(r.end > self.cursors[s] for s, r in self.rings.items())
+
+    def backlog(self) -> float:
+        """Largest unread share of a site ring (0..1): how far behind the slowest reader is."""
+        src = self._source
+        native = 0.0
+        if src is not None:
+            native = (src.ring.end - self._native_cursor) / src.ring.capacity
+        sites = max((r.end - self.cursors[s]) / r.capacity for s, r in self.rings.items())
+        return max(native, sites)
+
+    # ---- control -----------------------------------------------------------------------------------------
+    def halt(self) -> None:
+        self._halt.set()
+        self._wake.set()
+
+    def source_changed(self, present: set[str]) -> None:
+        """PulseAudio's current source names: a vanished source is reopened now, a returned one opened now."""
+        if self.kind != "pulse":
+            return
+        if self.settings.device in present:
+            if self.status.state == "reopening":
+                self._wake.set()
+        elif self.status.state == "running":
+            self._gone.set()
+            self._wake.set()
+
+    def _stopping(self) -> bool:
+        return self._halt.is_set() or self._stop_all.is_set()
+
+    def _set_state(self, state: State, error: str = "") -> None:
+        st = self.status
+        if state == st.state and error == st.last_error:
+            return
+        st.state = state
+        st.since = time.monotonic()
+        if error:
+            st.last_error = error
+        if state in ("running", "finished", "stopped"):
+            log.info("input %s: %s (%s, %d Hz, %d ch)", st.name, state, self.kind, st.rate, st.channels)
+        elif state == "reopening":
+            log.warning("input %s: reopening: %s", st.name, error)
+        else:
+            log.error("input %s: %s: %s", st.name, state, error)
+
+    # ---- the input's thread ------------------------------------------------------------------------------
+    def run(self) -> None:
+        lo, hi = self.settings.reopen_backoff
+        backoff = lo
+        try:
+            while not self._stopping():
+                try:
+                    self._source = self._open()
+                except DeviceError as exc:
+                    if self.kind in ("file", "stdin"):
+                        self._set_state("failed", str(exc))
+                        return
+                    self._set_state("reopening", str(exc))
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, hi)
+                    continue
+                self._source.begin()
+                st = self.status
+                st.rate, st.channels = self._source.rate, self._source.channels
+                self._set_state("running")
+                outcome = self._pump(self._source)
+                self._close()
+                if outcome == "finished":
+                    self._set_state("finished")
+                    return
+                if outcome == "stopped":
+                    break
+                st.reopens += 1
+                self._set_state("reopening", outcome)
+                if self._delivered_since_open:
+                    backoff = lo
+                self._sleep(backoff)
+                backoff = min(backoff * 2, hi)
+        except Exception as exc:  # a bug must not take the other inputs down
+            log.exception("input %s failed", self.status.name)
+            self._set_state("failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._close()
+            if self._device_index is not None:
+                portaudio.SLOTS_REGISTRY.release(self._device_index)
+                self._device_index = None
+        if self.status.state not in ("failed", "finished"):
+            self._set_state("stopped")
+
+    def _sleep(self, seconds: float) -> None:
+        self._wake.clear()
+        deadline = time.monotonic() + seconds
+        while not self._stopping() and not self._wake.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._wake.wait(min(left, 0.1))
+
+    def _open(self) -> _Source:
+        self._gone.clear()
+        if self.kind in ("file", "stdin"):
+            return _ReplaySource(self.settings, self.kind, self.backlog, self._halt)
+        if self._device_index is None:
+            body = (
+                portaudio.pulse_pcm(self.settings.device)
+                if self.kind == "pulse"
+                else portaudio.alias_pcm(self.settings.device)
+            )
+            try:
+                self._device_index = portaudio.SLOTS_REGISTRY.assign(body)
+            except RuntimeError as exc:
+                raise DeviceError(f"{self.settings.device!r}: {exc}") from exc
+        return _DeviceSource(self.settings, self.kind, self._device_index)
+
+    def _close(self) -> None:
+        src = self._source
+        if src is not None:
+            self._source = None
+            self._source_overruns += src.ring.overruns + getattr(src, "xruns", 0)
+            src.close()
+
+    def _pump(self, src: _Source) -> str:
+        """Move audio from the source's ring to the site rings until the source ends or must be reopened."""
+        self._native_cursor = 0
+        self._delivered_since_open = False
+        channels = list(self.site_channels)
+        sites = [self.site_channels[c] for c in channels]
+        resampler = StreamResampler(src.rate, RATE, len(channels))
+        poll = max(0.002, min(0.01, self.settings.block_ms / 2000))
+        last_data = time.monotonic()
+        live = isinstance(src, _DeviceSource)
+        while True:
+            if self._stopping():
+                return "stopped"
+            data, start = src.ring.read(self._native_cursor)
+            if data.shape[0]:
+                self._native_cursor = start + data.shape[0]
+                self._deliver(resampler.process(data[:, channels]), sites)
+                last_data = time.monotonic()
+                self._delivered_since_open = True
+                continue
+            if src.failure and not live:
+                return src.failure
+            if src.finished:
+                self._deliver(resampler.flush(), sites)
+                return "finished" if not src.failure else src.failure
+            if live:
+                dev = f"{self.kind} device {self.settings.device!r}"
+                if self._gone.is_set():
+                    return f"{dev} was removed"
+                if src.failure:
+                    return src.failure
+                if not src.alive():  # type: ignore[attr-defined]
+                    return f"{dev} stream stopped"
+                if time.monotonic() - last_data > self.settings.stall_timeout:
+                    return f"{dev} delivered no audio for {self.settings.stall_timeout:g} s"
+            self._wake.wait(poll)
+            self._wake.clear()
+
+    def _deliver(self, out: np.ndarray, sites: list[str]) -> None:
+        if out.shape[0] == 0:
+            return
+        if out.ndim == 1:
+            out = out[:, None]
+        for i, site in enumerate(sites):
+            self.rings[site].write(out[:, i])
+        self.status.samples += out.shape[0]
+        self._notify()
+
+    def snapshot(self) -> InputStatus:
+        st = self.status
+        src = self._source
+        live = src.ring.overruns + getattr(src, "xruns", 0) if src is not None else 0
+        sites = sum(r.overruns for r in self.rings.values())
+        return InputStatus(
+            name=st.name,
+            device=st.device,
+            kind=st.kind,
+            sites=list(st.sites),
+            state=st.state,
+            rate=st.rate,
+            channels=st.channels,
+            overruns=self._source_overruns + live + sites,
+            reopens=st.reopens,
+            samples=st.samples,
+            last_error=st.last_error,
+            since=st.since,
+        )
