@@ -513,7 +513,7 @@ def resolve_paths(obj: T, base_dir: Path) -> T:
         new = _resolve_value(value, base_dir)
         if new is not value:
             changes[f.name] = new
-    return dataclasses.replace(obj, **changes) if changes else obj  # type: ignore[type-var]
+    return dataclasses.replace(obj, **changes) if changes else obj
 
 
 def _resolve_value(value: Any, base_dir: Path) -> Any:

@@ -174,7 +174,7 @@ def test_session_rejects_a_model_without_contract(tmp_path: Path, model_path: Pa
     m = onnx.load(str(model_path))
     del m.metadata_props[:]
     onnx.save(m, str(tmp_path / "bare.onnx"))
-    with pytest.raises(ModelError, match="kwsd.format"):
+    with pytest.raises(ModelError, match=r"kwsd\.format"):
         ModelSession(tmp_path / "bare.onnx", providers=["CPUExecutionProvider"])
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(ModelError, match=r"junk\.onnx"):

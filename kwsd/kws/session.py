@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,8 @@ class ModelError(RuntimeError):
     """The model file cannot be used; the message names the file and the problem."""
 
 
-def _create_session(path: str, options, providers: list[str]):  # the seam where the runtime session is created
+def _create_session(path: str, options: Any, providers: list[str]) -> Any:
+    """The seam where the runtime session is created (tests substitute a GPU-less stand-in here)."""
     import onnxruntime as ort
 
     return ort.InferenceSession(path, options, providers=providers)

@@ -20,6 +20,7 @@ import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -146,7 +147,7 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
         inits.append(numpy_helper.from_array(np.array(value, order="C"), n))
         return n
 
-    def node(op: str, inputs: list[str], **attrs: object) -> str:
+    def node(op: str, inputs: list[str], **attrs: Any) -> str:
         out = name(op.lower())
         nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
@@ -215,7 +216,7 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
 # Verification
 
 
-def _run_stream(session, feats: np.ndarray, cache_shape: tuple[int, ...], chunk: int | None) -> np.ndarray:
+def _run_stream(session: Any, feats: np.ndarray, cache_shape: tuple[int, ...], chunk: int | None) -> np.ndarray:
     cache = np.zeros((1, *cache_shape), dtype=np.float32)
     step = chunk or feats.shape[0]
     outs = []

@@ -7,8 +7,8 @@ does not chain is a ``Nnet1Error`` naming the file, the component and the byte o
 from __future__ import annotations
 
 import struct
-from itertools import pairwise
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np

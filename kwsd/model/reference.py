@@ -2,7 +2,7 @@
 
 This is the yardstick the exported ONNX is checked against. It follows nnet1's offline semantics: CMVN applied to
 the input, every component in order, and the Fsmn memory
-``out[t] = x[t] + sum_i L[i]*x[t-i*ls] + sum_j R[j-1]*x[t+j*rs]`` with frames outside the utterance treated as absent (zero).
+``out[t] = x[t] + sum_i L[i]*x[t-i*ls] + sum_j R[j-1]*x[t+j*rs]``, frames outside the utterance being zero.
 """
 
 from __future__ import annotations
