@@ -137,6 +137,14 @@ class SegmentRecorder:
         self._vad: dict[str, webrtcvad.Vad] = {}
         self._finished: list[Segment] = []
 
+    def audio(self, site: str, start: int, stop: int) -> np.ndarray:
+        """The site's recent audio between absolute indices ``start`` and ``stop`` (what is still held)."""
+        hist = self._history.get(site)
+        if hist is None:
+            return np.zeros(0, dtype=np.int16)
+        start = min(max(start, hist.begin), hist.end)
+        return hist.read(start, min(max(stop, start), hist.end))
+
     def recording(self, site: str) -> bool:
         return site in self._active
 
