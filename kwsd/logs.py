@@ -81,8 +81,8 @@ def setup_logging(
     """Configure the root logger once for the whole process and return its handler.
 
     ``level`` is a name (``debug``, ``info``, ``warning``, ``error``; any case). ``force_journal`` overrides
-    the detection of journald (``None``: detect from ``JOURNAL_STREAM`` / ``INVOCATION_ID``). Replaces handlers
-    installed before (e.g. by the command line's early set-up), so reloading the config can call it again.
+    the detection of journald (``None``: detect from ``JOURNAL_STREAM`` / ``INVOCATION_ID``). Replaces
+    handlers installed before (e.g. by the command line's early set-up), so a reload can call it again.
     """
     try:
         levelno = LEVELS[level.lower()]
