@@ -13,6 +13,7 @@ from kwsd import __version__
 # command name -> module providing ``register(subparsers)``; the registered parser sets ``func(args) -> int``.
 COMMANDS: tuple[str, ...] = (
     "kwsd.model.cli",
+    "kwsd.app",
 )
 
 
