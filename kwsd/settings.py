@@ -7,6 +7,7 @@ an error that names the key's full path (``mqtt.tls.ca_file: file not found``), 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -377,9 +378,53 @@ class SegmentSettings:
 # --- service: state, metrics, logging (kwsd/app.py, kwsd/metrics.py, kwsd/logs.py) -----------------------------
 
 
+DEFAULT_STATE_DIR = Path("/var/lib/kwsd")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus endpoint (``/metrics``): off unless enabled, local-only unless an address is given."""
+
+    enabled: bool = False
+    """Serve Prometheus metrics over HTTP."""
+    address: str = "127.0.0.1"
+    """Address to bind; ``0.0.0.0`` or ``::`` exposes the endpoint (no authentication) to the network."""
+    port: int = 9750
+    """TCP port of the endpoint."""
+
+    def validate(self, key: str) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"{key}.port", f"must be a TCP port 1..65535, got {self.port}")
+        if not self.address or any(c.isspace() for c in self.address):
+            raise ConfigError(f"{key}.address", f"expected an IP address or host name, got {self.address!r}")
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """Where the daemon keeps state, and how it exposes metrics and logs."""
+
+    state_dir: Path | None = None
+    """Writable folder for the MQTT outbox and other state. Unset: ``$STATE_DIRECTORY`` (set by systemd's
+    ``StateDirectory=``), else /var/lib/kwsd. A path given here wins over both; under the shipped unit it must
+    then also be listed in ``ReadWritePaths=``, as everything else is read-only."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged (``kwsd -v`` forces debug)."""
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    status_interval: float = 30.0
+    """Seconds between refreshes of the retained MQTT status message and the systemd ``STATUS=`` line."""
+
+    def validate(self, key: str) -> None:
+        if not self.status_interval > 0:
+            problem = f"must be a positive number of seconds, got {self.status_interval}"
+            raise ConfigError(f"{key}.status_interval", problem)
+
+    def state_path(self, env: Mapping[str, str] | None = None) -> Path:
+        """The state folder: ``state_dir`` if set, else ``$STATE_DIRECTORY`` (first entry), else default."""
+        if self.state_dir is not None:
+            return self.state_dir
+        environ = os.environ if env is None else env
+        from_systemd = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(from_systemd) if from_systemd else DEFAULT_STATE_DIR
 
 
 @dataclass(frozen=True)

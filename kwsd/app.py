@@ -1,0 +1,46 @@
+"""The daemon's commands: ``kwsd check-config`` (and the supervisor, ``kwsd run``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from kwsd import settings
+
+DEFAULT_CONFIG = Path("/etc/kwsd/config.yaml")
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """Load and validate a config file; print OK or the problem (naming the key); return the exit status."""
+    path = Path(args.config)
+    try:
+        loaded = settings.load(path)
+    except settings.ConfigError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"{path}: OK ({len(loaded.inputs)} inputs, {len(loaded.detector.keywords)} keywords)")
+    return 0
+
+
+def _add_check_config(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Validate a config file and name the offending key; exit status 1 when it is invalid. "
+        "The unit runs it as ExecStartPre=, so a bad config fails the start with the reason in the journal.",
+    )
+    parser.add_argument("config", metavar="FILE", nargs="?", default=DEFAULT_CONFIG, type=Path)
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is valid")
+    parser.set_defaults(func=check_config)
+
+
+# Each entry adds one subcommand; a new command is one function and one line here.
+PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_check_config,)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    for add in PARSERS:
+        add(subparsers)

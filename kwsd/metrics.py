@@ -1,0 +1,188 @@
+"""Service metrics: Prometheus counters and gauges on a private registry, an optional /metrics endpoint, and
+the same figures as a small dict for the retained MQTT status message."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# One inference step: ~1 ms for one stream on a fast CPU, up to ~200 ms for many streams on a small host.
+STEP_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.5)
+
+
+class Metrics:
+    """All counters of one daemon instance, on a registry of its own (no clash between tests or reloads).
+
+    The pipeline calls the small recording methods; ``summary()`` reads the same values back for the status
+    topic; ``serve()`` exposes them to Prometheus.
+    """
+
+    def __init__(self, namespace: str = "kwsd") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._prefix = f"{namespace}_" if namespace else ""
+        reg = self.registry
+        self.detections = Counter(
+            "detections",
+            "Wake words detected and published",
+            ["site", "keyword"],
+            namespace=namespace,
+            registry=reg,
+        )
+        self.rejected = Counter(
+            "rejected_candidates",
+            "Keyword candidates rejected (threshold, duration limits, refractory period)",
+            ["site", "keyword"],
+            namespace=namespace,
+            registry=reg,
+        )
+        self.overruns = Counter(
+            "audio_overruns",
+            "Audio blocks lost because the ring buffer was full or the device overran",
+            ["input"],
+            namespace=namespace,
+            registry=reg,
+        )
+        self.reopens = Counter(
+            "device_reopens",
+            "Capture devices reopened after an error or unplug",
+            ["input"],
+            namespace=namespace,
+            registry=reg,
+        )
+        self.broker_reconnects = Counter(
+            "broker_reconnects",
+            "Connections to the MQTT broker re-established after a loss",
+            namespace=namespace,
+            registry=reg,
+        )
+        self.outbox_depth = Gauge(
+            "outbox_depth",
+            "Messages waiting in the MQTT outbox",
+            namespace=namespace,
+            registry=reg,
+        )
+        self.step_seconds = Histogram(
+            "inference_step_seconds",
+            "Wall time of one batched inference step (all streams)",
+            buckets=STEP_BUCKETS,
+            namespace=namespace,
+            registry=reg,
+        )
+        self.real_time_factor = Gauge(
+            "real_time_factor",
+            "Processing time divided by audio time (below 1 keeps up)",
+            namespace=namespace,
+            registry=reg,
+        )
+        self.streams = Gauge("streams", "Audio streams being decoded", namespace=namespace, registry=reg)
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    # --- recording (called by the pipeline; cheap and thread-safe) -----------------------------------------
+
+    def detection(self, site: str, keyword: str) -> None:
+        self.detections.labels(site=site, keyword=keyword).inc()
+
+    def rejection(self, site: str, keyword: str) -> None:
+        self.rejected.labels(site=site, keyword=keyword).inc()
+
+    def overrun(self, input_name: str, blocks: int = 1) -> None:
+        self.overruns.labels(input=input_name).inc(blocks)
+
+    def reopen(self, input_name: str) -> None:
+        self.reopens.labels(input=input_name).inc()
+
+    def broker_reconnect(self) -> None:
+        self.broker_reconnects.inc()
+
+    def set_outbox_depth(self, depth: int) -> None:
+        self.outbox_depth.set(depth)
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_seconds.observe(seconds)
+
+    def set_real_time_factor(self, rtf: float) -> None:
+        self.real_time_factor.set(rtf)
+
+    def set_streams(self, count: int) -> None:
+        self.streams.set(count)
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """The same figures as plain JSON-ready values, for the retained status topic.
+
+        ``detections``/``rejected``: {site: {keyword: n}}; ``overruns``/``reopens``: {input: n};
+        ``inference_step``: count and mean in ms.
+        """
+        samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+        def by(name: str, *labels: str) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for (sample_name, label_items), value in samples.items():
+                if sample_name != name:
+                    continue
+                values = dict(label_items)
+                node = out
+                for label in labels[:-1]:
+                    node = node.setdefault(values[label], {})
+                node[values[labels[-1]]] = int(value)
+            return out
+
+        def scalar(name: str) -> float:
+            return samples.get((name, ()), 0.0)
+
+        ns = self._prefix
+        count = int(scalar(f"{ns}inference_step_seconds_count"))
+        total = scalar(f"{ns}inference_step_seconds_sum")
+        return {
+            "detections": by(f"{ns}detections_total", "site", "keyword"),
+            "rejected": by(f"{ns}rejected_candidates_total", "site", "keyword"),
+            "overruns": by(f"{ns}audio_overruns_total", "input"),
+            "reopens": by(f"{ns}device_reopens_total", "input"),
+            "broker_reconnects": int(scalar(f"{ns}broker_reconnects_total")),
+            "outbox_depth": int(scalar(f"{ns}outbox_depth")),
+            "inference_step": {"count": count, "mean_ms": round(1000 * total / count, 3) if count else None},
+            "real_time_factor": round(scalar(f"{ns}real_time_factor"), 4),
+            "streams": int(scalar(f"{ns}streams")),
+        }
+
+    # --- HTTP endpoint -------------------------------------------------------------------------------------
+
+    def serve(self, address: str = "127.0.0.1", port: int = 9750) -> tuple[str, int]:
+        """Start the /metrics endpoint on its own thread; return the bound (address, port) (port 0 picks one).
+
+        Raises OSError naming the address when it cannot bind (port in use, address not local).
+        """
+        with self._lock:
+            if self._server is not None:
+                raise RuntimeError("metrics endpoint already running")
+            try:
+                server, thread = start_http_server(port, addr=address, registry=self.registry)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot serve metrics on {address}:{port}: {exc.strerror}") from exc
+            self._server, self._thread = server, thread
+        bound = server.server_address
+        log.info("metrics endpoint on http://%s:%d/metrics", address, bound[1])
+        return str(bound[0]), int(bound[1])
+
+    def close(self) -> None:
+        """Stop the endpoint if it runs; safe to call twice."""
+        with self._lock:
+            server, thread = self._server, self._thread
+            self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)

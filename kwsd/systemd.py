@@ -1,0 +1,208 @@
+"""sd_notify(3) for the service manager: READY, RELOADING, STOPPING, STATUS, and a watchdog fed by progress.
+
+Outside systemd (no ``NOTIFY_SOCKET``) every call is a no-op, so the same code runs from a terminal. The
+protocol is one datagram of newline-separated ``KEY=value`` fields on an AF_UNIX socket, sent here directly:
+the sdnotify package encodes messages as Latin-1 (a ``STATUS=`` naming the keyword 小云小云 raises
+and is swallowed), reads only ``os.environ`` and ignores ``WATCHDOG_USEC``. This module sends UTF-8, takes the
+environment as a parameter, logs a failed send once, and works out the watchdog interval itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def _socket_address(value: str) -> str:
+    """``NOTIFY_SOCKET`` as a socket address: ``@name`` is a Linux abstract socket."""
+    return "\0" + value[1:] if value.startswith("@") else value
+
+
+def _watchdog_interval(env: Mapping[str, str]) -> float | None:
+    """Seconds between pings: half of ``WATCHDOG_USEC`` (sd_watchdog_enabled(3)); None without a watchdog."""
+    usec = env.get("WATCHDOG_USEC", "")
+    if not usec:
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        log.warning("ignoring WATCHDOG_USEC=%r: not an integer number of microseconds", usec)
+        return None
+    if value <= 0:
+        log.warning("ignoring WATCHDOG_USEC=%r: not a positive number of microseconds", usec)
+        return None
+    pid = env.get("WATCHDOG_PID", "")
+    if pid:
+        try:
+            meant_for_us = int(pid) == os.getpid()
+        except ValueError:
+            log.warning("ignoring the watchdog: WATCHDOG_PID=%r is not a process id", pid)
+            return None
+        if not meant_for_us:
+            # The variables were inherited from a parent that has a watchdog; it is not ours to feed.
+            return None
+    return value / 2e6
+
+
+class Notifier:
+    """Sends service state to systemd; does nothing when not started by systemd with a notify socket."""
+
+    def __init__(self, env: Mapping[str, str] = os.environ) -> None:
+        address = env.get("NOTIFY_SOCKET", "")
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._failed = False
+        self.watchdog_interval: float | None = None
+        """Seconds between watchdog pings (half of ``WATCHDOG_USEC``), None when systemd expects none."""
+        if address:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(_socket_address(address))
+            except OSError as exc:
+                sock.close()
+                log.warning("cannot reach the systemd notify socket NOTIFY_SOCKET=%s: %s", address, exc)
+            else:
+                self._socket = sock
+                self.watchdog_interval = _watchdog_interval(env)
+        self.address = address
+        """The notify socket (``NOTIFY_SOCKET``), empty outside systemd."""
+
+    @property
+    def enabled(self) -> bool:
+        """True when started by systemd with a reachable notify socket."""
+        return self._socket is not None
+
+    def notify(self, *fields: str) -> None:
+        """Send ``KEY=value`` fields as one datagram; a failure is logged once, never raised."""
+        if self._socket is None:
+            return
+        message = "\n".join(fields).encode("utf-8", "replace")
+        try:
+            with self._lock:
+                if self._socket is None:
+                    return
+                self._socket.send(message)
+        except OSError as exc:
+            if not self._failed:
+                self._failed = True
+                log.warning("systemd notify socket %s refused %r: %s", self.address, fields[0], exc)
+        else:
+            if self._failed:
+                self._failed = False
+                log.info("systemd notify socket %s accepts messages again", self.address)
+
+    def ready(self, status: str | None = None) -> None:
+        """Start-up (or a reload) finished: the service is working."""
+        self.notify("READY=1", *_status_field(status))
+
+    def reloading(self, status: str | None = None) -> None:
+        """A reload began; follow with ``ready()`` when it is done.
+
+        ``MONOTONIC_USEC`` lets systemd ≥253 match this message to the reload it asked for
+        (Type=notify-reload); older managers and Type=notify ignore the extra field.
+        """
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", *_status_field(status))
+
+    def stopping(self, status: str | None = None) -> None:
+        """Shutdown began."""
+        self.notify("STOPPING=1", *_status_field(status))
+
+    def status(self, text: str) -> None:
+        """One line shown by ``systemctl status``."""
+        self.notify(*_status_field(text))
+
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for more time for the start-up, reload or shutdown under way (e.g. a slow model warm-up)."""
+        self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
+    def watchdog(self) -> None:
+        """Tell systemd the service is alive; call it only on evidence of progress (see ``Watchdog``)."""
+        self.notify("WATCHDOG=1")
+
+    def close(self) -> None:
+        """Release the socket; later calls are no-ops."""
+        with self._lock:
+            sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close()
+
+
+def _status_field(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    # One message carries newline-separated fields: a newline inside the text would start a bogus field.
+    return ("STATUS=" + " ".join(text.splitlines()),)
+
+
+class Watchdog:
+    """Feeds the systemd watchdog only while every pipeline stage makes progress.
+
+    Stages call ``beat(name)`` when they do work (capture: a block arrived; detector: an inference step ran).
+    The main loop calls ``poll()`` often (at least every ``interval``); when a ping is due and every heartbeat
+    advanced since the last ping, it sends ``WATCHDOG=1``. A stuck stage therefore stops the pings and systemd
+    restarts the service after ``WatchdogSec=``, instead of a timer thread hiding the hang.
+    """
+
+    def __init__(
+        self,
+        notifier: Notifier,
+        names: Sequence[str],
+        *,
+        interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not names:
+            raise ValueError("Watchdog needs at least one heartbeat name")
+        self._notifier = notifier
+        self.interval = interval if interval is not None else notifier.watchdog_interval
+        """Seconds between pings; None disables pinging (no watchdog configured)."""
+        self._clock = clock
+        self._counts = dict.fromkeys(names, 0)
+        self._seen = dict.fromkeys(names, 0)
+        self._last_ping = clock()
+        self._stuck: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._counts)
+
+    def beat(self, name: str) -> None:
+        """Record progress of stage ``name``; cheap enough for every audio block."""
+        # Each name is beaten by one thread only; the main thread only reads, so no lock is needed.
+        self._counts[name] += 1
+
+    def stuck(self) -> tuple[str, ...]:
+        """Heartbeats that have not advanced since the last ping."""
+        return tuple(name for name, count in self._counts.items() if count == self._seen[name])
+
+    def poll(self) -> bool:
+        """Ping systemd if a ping is due and every heartbeat advanced; return whether it pinged."""
+        if self.interval is None:
+            return False
+        now = self._clock()
+        if now - self._last_ping < self.interval:
+            return False
+        stuck = self.stuck()
+        if stuck:
+            if stuck != self._stuck:
+                self._stuck = stuck
+                log.warning(
+                    "no progress from %s for %.1f s: withholding the watchdog ping",
+                    ", ".join(stuck),
+                    now - self._last_ping,
+                )
+            return False
+        if self._stuck:
+            log.info("%s progressing again after %.1f s", ", ".join(self._stuck), now - self._last_ping)
+            self._stuck = ()
+        self._seen = dict(self._counts)
+        self._last_ping = now
+        self._notifier.watchdog()
+        return True
