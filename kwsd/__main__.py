@@ -13,7 +13,6 @@ from kwsd import __version__
 # command name -> module providing ``register(subparsers)``; the registered parser sets ``func(args) -> int``.
 COMMANDS: tuple[str, ...] = (
     "kwsd.model.cli",
-    "kwsd.model.cli",
     "kwsd.kws.cli",
     "kwsd.audio.cli",
     "kwsd.app",

@@ -37,8 +37,35 @@ def _add_check_config(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=check_config)
 
 
+def run(args: argparse.Namespace) -> int:
+    """``kwsd run``: load the config and serve until stopped (SIGTERM/SIGINT), reloading on SIGHUP."""
+    from kwsd.logs import setup_logging
+    from kwsd.supervisor import Daemon
+
+    path = Path(args.config)
+    try:
+        loaded = settings.load(path)
+    except settings.ConfigError as exc:
+        print(f"kwsd run: {path}: {exc}", file=sys.stderr)
+        return 1
+    setup_logging("debug" if args.verbose else loaded.service.log_level)
+    return Daemon(path, loaded).serve()
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "run",
+        help="run the daemon (under systemd: Type=notify, watchdog, reload on SIGHUP)",
+        description="Listen to the configured inputs and remote satellites, detect the keywords and publish "
+        "wake events and follow-up segments over MQTT until SIGTERM/SIGINT; SIGHUP reloads the config.",
+    )
+    parser.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG, type=Path,
+                        help="config file (default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
 # Each entry adds one subcommand; a new command is one function and one line here.
-PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_check_config,)
+PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_run, _add_check_config)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
