@@ -51,7 +51,8 @@ def test_shipped_config_documents_every_key_with_its_default() -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("detector:\n  keywords:\n    - phrase: 小云小云\n      treshold: 0.3\n", r"detector\.keywords\[0\]\.treshold: unknown key"),
+    ("detector:\n  keywords:\n    - phrase: 小云小云\n      treshold: 0.3\n",
+     r"detector\.keywords\[0\]\.treshold: unknown key"),
     ("mqtt:\n  port: eighty\n", r"mqtt\.port: expected an integer"),
     ("model: [1, 2]\n", r"model: expected a mapping"),
     ("inputs:\n  - device: x\n    realtime: maybe\n", r"inputs\[0\]\.realtime: expected true or false"),
