@@ -103,7 +103,7 @@ def test_refuses_without_a_model(tmp_path: Path, sources: tuple[Path, Path]) -> 
 
 
 def test_venv_path_checks_the_interpreter_first(tmp_path: Path, sources: tuple[Path, Path]) -> None:
-    """Without --no-venv the installer builds /opt/kwsd/venv; a missing interpreter stops it before changes."""
+    """Without --no-venv the installer builds /opt/kwsd/venv; a missing interpreter stops it first."""
     config, models = sources
     result = _install(
         tmp_path / "root",
