@@ -23,9 +23,7 @@ def _check(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tup
 
 
 def test_valid_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = (
-        "service:\n  log_level: debug\n  metrics:\n    enabled: true\n    port: 9100\n  status_interval: 10\n"
-    )
+    text = "service:\n  log_level: debug\n  metrics:\n    enabled: true\n    port: 9100\n  status_interval: 10\n"
     rc, out, err = _check(tmp_path, text, capsys)
     assert (rc, err) == (0, "")
     assert out.startswith(f"{tmp_path / 'config.yaml'}: OK")
@@ -48,9 +46,7 @@ def test_valid_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         ("service:\n  metrics: {port: 1\n", "is not valid YAML"),
     ],
 )
-def test_bad_config_names_the_key(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
-) -> None:
+def test_bad_config_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str) -> None:
     rc, out, err = _check(tmp_path, text, capsys)
     assert rc == 1
     assert out == ""
@@ -69,9 +65,7 @@ def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_state_dir_precedence(tmp_path: Path) -> None:
     assert ServiceSettings().state_path({}) == DEFAULT_STATE_DIR
     # systemd's StateDirectory= sets STATE_DIRECTORY (several directories are colon-separated)
-    assert ServiceSettings().state_path({"STATE_DIRECTORY": "/var/lib/kwsd:/var/lib/other"}) == Path(
-        "/var/lib/kwsd"
-    )
+    assert ServiceSettings().state_path({"STATE_DIRECTORY": "/var/lib/kwsd:/var/lib/other"}) == Path("/var/lib/kwsd")
     assert ServiceSettings().state_path({"STATE_DIRECTORY": str(tmp_path)}) == tmp_path
     # An explicit setting wins; a relative one is relative to the config file.
     loaded = loads("service:\n  state_dir: state\n", base_dir=tmp_path)

@@ -90,13 +90,23 @@ def test_install_upgrade_uninstall_purge(tmp_path: Path, sources: tuple[Path, Pa
     assert not (root / "etc/kwsd").exists() and not (root / "var/lib/kwsd").exists()
 
 
+def test_the_shipped_config_points_at_the_installed_model(tmp_path: Path, sources: tuple[Path, Path]) -> None:
+    _, models = sources
+    root = tmp_path / "root"
+    _install(root, "--no-venv", "--models", str(models))  # the checkout's own config.yaml
+    installed = root / "etc/kwsd/config.yaml"
+    assert load(installed).model.path == Path("/opt/kwsd/models/kwsd-xiaoyun.onnx")
+    # Only the model path changed; every comment of the documented default config is still there.
+    original = (REPO / "config.yaml").read_text().splitlines()
+    changed = [(a, b) for a, b in zip(original, installed.read_text().splitlines(), strict=True) if a != b]
+    assert [b.split("#")[0].strip() for _, b in changed] == ["path: /opt/kwsd/models/kwsd-xiaoyun.onnx"]
+
+
 def test_refuses_without_a_model(tmp_path: Path, sources: tuple[Path, Path]) -> None:
     config, _ = sources
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = _install(
-        tmp_path / "root", "--no-venv", "--config", str(config), "--models", str(empty), check=False
-    )
+    result = _install(tmp_path / "root", "--no-venv", "--config", str(config), "--models", str(empty), check=False)
     assert result.returncode != 0
     assert f"no exported model (*.onnx) in {empty}" in result.stderr
     assert not (tmp_path / "root/opt").exists()

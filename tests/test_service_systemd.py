@@ -235,9 +235,7 @@ def test_watchdog_with_real_threads(systemd_socket: NotifySocket) -> None:
     assert received >= pings_alive
 
 
-def test_full_socket_queue_does_not_block(
-    systemd_socket: NotifySocket, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_full_socket_queue_does_not_block(systemd_socket: NotifySocket, caplog: pytest.LogCaptureFixture) -> None:
     """A manager that does not read fills the datagram queue; sends then time out instead of hanging."""
     queue_length = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
     notifier = Notifier(systemd_socket.env())

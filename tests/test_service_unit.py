@@ -34,9 +34,7 @@ def _unit_with_existing_binary(tmp_path: Path, extra: str = "") -> Path:
 
 
 def _verify(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [_analyze(), "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([_analyze(), "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60)
 
 
 def test_verify_is_silent(tmp_path: Path) -> None:
