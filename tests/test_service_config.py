@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from kwsd import app
 from kwsd.settings import DEFAULT_STATE_DIR, ConfigError, ServiceSettings, loads
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _check(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -75,3 +80,23 @@ def test_state_dir_precedence(tmp_path: Path) -> None:
 def test_metrics_address_validated() -> None:
     with pytest.raises(ConfigError, match=r"^service\.metrics\.address: "):
         loads("service:\n  metrics:\n    address: ''\n")
+
+
+def test_through_the_command_line(tmp_path: Path) -> None:
+    """The same check as the unit's ExecStartPre= runs it: ``kwsd check-config FILE``, exit status 1."""
+    path = tmp_path / "config.yaml"
+    path.write_text("service:\n  metrics:\n    port: 0\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "kwsd", "check-config", str(path)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"{path}: service.metrics.port: must be a TCP port 1..65535, got 0"
+    result = subprocess.run(
+        [sys.executable, "-m", "kwsd", "check-config", "--quiet", str(REPO / "config.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
