@@ -68,6 +68,9 @@ class Notifier:
                 sock.close()
                 log.warning("cannot reach the systemd notify socket NOTIFY_SOCKET=%s: %s", address, exc)
             else:
+                # The receiving queue is short (net.unix.max_dgram_qlen): never let a busy manager block the
+                # main loop for long; a send that times out is logged like any other failure.
+                sock.settimeout(1.0)
                 self._socket = sock
                 self.watchdog_interval = _watchdog_interval(env)
         self.address = address

@@ -1,0 +1,123 @@
+"""Prometheus metrics scraped over real HTTP on loopback; the status-topic summary."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kwsd.metrics import Metrics
+from kwsd.settings import MetricsSettings
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode("utf-8")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _record(m: Metrics) -> None:
+    m.detection("kitchen", "小云小云")
+    m.detection("kitchen", "小云小云")
+    m.detection("hall", "小云小云")
+    m.rejection("hall", "小云小云")
+    m.overrun("usb-mic", 3)
+    m.reopen("usb-mic")
+    m.broker_reconnect()
+    m.set_outbox_depth(7)
+    for seconds in (0.0015, 0.004, 0.012, 0.18):
+        m.observe_step(seconds)
+    m.set_real_time_factor(0.031)
+    m.set_streams(2)
+
+
+def test_endpoint_over_loopback() -> None:
+    m = Metrics()
+    _record(m)
+    address, port = m.serve("127.0.0.1", 0)
+    try:
+        assert address == "127.0.0.1" and port > 0
+        got = _scrape(port)
+        kw = "小云小云"
+        assert got[("kwsd_detections_total", (("keyword", kw), ("site", "kitchen")))] == 2
+        assert got[("kwsd_detections_total", (("keyword", kw), ("site", "hall")))] == 1
+        assert got[("kwsd_rejected_candidates_total", (("keyword", kw), ("site", "hall")))] == 1
+        assert got[("kwsd_audio_overruns_total", (("input", "usb-mic"),))] == 3
+        assert got[("kwsd_device_reopens_total", (("input", "usb-mic"),))] == 1
+        assert got[("kwsd_broker_reconnects_total", ())] == 1
+        assert got[("kwsd_outbox_depth", ())] == 7
+        assert got[("kwsd_real_time_factor", ())] == pytest.approx(0.031)
+        assert got[("kwsd_streams", ())] == 2
+        assert got[("kwsd_inference_step_seconds_count", ())] == 4
+        assert got[("kwsd_inference_step_seconds_bucket", (("le", "0.002"),))] == 1
+        assert got[("kwsd_inference_step_seconds_bucket", (("le", "0.015"),))] == 3
+        assert got[("kwsd_inference_step_seconds_bucket", (("le", "0.2"),))] == 4
+        # Values change between scrapes: the endpoint reads the live registry.
+        m.detection("kitchen", kw)
+        assert _scrape(port)[("kwsd_detections_total", (("keyword", kw), ("site", "kitchen")))] == 3
+    finally:
+        m.close()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    m.close()  # twice is fine
+
+
+def test_instances_do_not_share_a_registry() -> None:
+    """Tests and a reload create Metrics more than once; the global registry would refuse duplicates."""
+    a, b = Metrics(), Metrics()
+    a.detection("s", "k")
+    assert a.summary()["detections"] == {"s": {"k": 1}}
+    assert b.summary()["detections"] == {}
+
+
+def test_summary_for_the_status_topic() -> None:
+    m = Metrics()
+    assert m.summary() == {
+        "detections": {},
+        "rejected": {},
+        "overruns": {},
+        "reopens": {},
+        "broker_reconnects": 0,
+        "outbox_depth": 0,
+        "inference_step": {"count": 0, "mean_ms": None},
+        "real_time_factor": 0.0,
+        "streams": 0,
+    }
+    _record(m)
+    assert m.summary() == {
+        "detections": {"kitchen": {"小云小云": 2}, "hall": {"小云小云": 1}},
+        "rejected": {"hall": {"小云小云": 1}},
+        "overruns": {"usb-mic": 3},
+        "reopens": {"usb-mic": 1},
+        "broker_reconnects": 1,
+        "outbox_depth": 7,
+        "inference_step": {"count": 4, "mean_ms": 49.375},
+        "real_time_factor": 0.031,
+        "streams": 2,
+    }
+
+
+def test_port_in_use_names_the_address() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        m = Metrics()
+        with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
+            m.serve("127.0.0.1", port)
+        m.close()
+
+
+def test_defaults_are_off_and_local() -> None:
+    defaults = MetricsSettings()
+    assert defaults.enabled is False
+    assert defaults.address == "127.0.0.1"
+    assert defaults.port == 9750

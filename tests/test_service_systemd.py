@@ -1,0 +1,260 @@
+"""sd_notify against a real AF_UNIX datagram socket standing in for systemd's notify socket."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kwsd.systemd import Notifier, Watchdog
+
+
+class NotifySocket:
+    """The receiving end of NOTIFY_SOCKET, as systemd binds it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(2.0)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": str(self.path), **extra}
+
+    def recv(self) -> dict[str, str]:
+        data = self.sock.recv(4096).decode("utf-8")
+        return dict(line.split("=", 1) for line in data.split("\n"))
+
+    def drain(self) -> list[dict[str, str]]:
+        """Every message already sent (non-blocking)."""
+        out = []
+        self.sock.setblocking(False)
+        try:
+            while True:
+                out.append(dict(line.split("=", 1) for line in self.sock.recv(4096).decode().split("\n")))
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.settimeout(2.0)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def systemd_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify")
+    yield sock
+    sock.close()
+
+
+def test_notifier_sends_each_state(systemd_socket: NotifySocket) -> None:
+    notifier = Notifier(systemd_socket.env())
+    assert notifier.enabled
+    assert notifier.watchdog_interval is None
+
+    notifier.ready("listening for 小云小云 on 2 streams")
+    assert systemd_socket.recv() == {"READY": "1", "STATUS": "listening for 小云小云 on 2 streams"}
+    notifier.status("broker down\nretrying")  # a newline would start a bogus field
+    assert systemd_socket.recv() == {"STATUS": "broker down retrying"}
+    notifier.watchdog()
+    assert systemd_socket.recv() == {"WATCHDOG": "1"}
+
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notifier.reloading()
+    message = systemd_socket.recv()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert message["RELOADING"] == "1"
+    assert before <= int(message["MONOTONIC_USEC"]) <= after
+
+    notifier.extend_timeout(20)
+    assert systemd_socket.recv() == {"EXTEND_TIMEOUT_USEC": "20000000"}
+    notifier.stopping()
+    assert systemd_socket.recv() == {"STOPPING": "1"}
+    notifier.close()
+    notifier.ready()  # closed: a no-op, not an error
+    assert systemd_socket.drain() == []
+
+
+def test_abstract_socket_address(tmp_path: Path) -> None:
+    name = f"kwsd-test-{os.getpid()}-{id(tmp_path)}"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind("\0" + name)
+    receiver.settimeout(2.0)
+    try:
+        Notifier({"NOTIFY_SOCKET": "@" + name}).ready()
+        assert receiver.recv(100) == b"READY=1"
+    finally:
+        receiver.close()
+
+
+def test_outside_systemd_everything_is_a_noop() -> None:
+    notifier = Notifier({})
+    assert not notifier.enabled
+    assert notifier.watchdog_interval is None
+    notifier.ready("x")
+    notifier.reloading()
+    notifier.stopping()
+    notifier.status("x")
+    notifier.watchdog()
+    assert not Watchdog(notifier, ("capture",)).poll()
+
+
+def test_unreachable_socket_is_logged_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "missing")})
+    assert not notifier.enabled
+    notifier.ready()
+    assert "NOTIFY_SOCKET=" in caplog.text and "missing" in caplog.text
+
+
+def test_send_failure_is_logged_once(systemd_socket: NotifySocket, caplog: pytest.LogCaptureFixture) -> None:
+    notifier = Notifier(systemd_socket.env())
+    systemd_socket.close()  # systemd went away
+    notifier.ready()
+    notifier.watchdog()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kwsd.systemd"]
+    assert len(warnings) == 1
+    assert "READY=1" in warnings[0] and "notify" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "interval"),
+    [
+        ({"WATCHDOG_USEC": "30000000"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),  # inherited from another process
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "abc"}, None),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "x"}, None),
+        ({}, None),
+    ],
+)
+def test_watchdog_usec(systemd_socket: NotifySocket, extra: dict[str, str], interval: float | None) -> None:
+    assert Notifier(systemd_socket.env(**extra)).watchdog_interval == interval
+
+
+def test_watchdog_usec_without_socket_means_no_watchdog() -> None:
+    assert Notifier({"WATCHDOG_USEC": "30000000"}).watchdog_interval is None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_watchdog_pings_only_while_every_heartbeat_advances(
+    systemd_socket: NotifySocket, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kwsd.systemd")
+    notifier = Notifier(systemd_socket.env(WATCHDOG_USEC="2000000"))  # ping every second
+    clock = Clock()
+    dog = Watchdog(notifier, ("capture", "detector"), clock=clock)
+    assert dog.interval == 1.0
+
+    dog.beat("capture")
+    dog.beat("detector")
+    assert not dog.poll()  # not due yet
+    clock.now += 1.0
+    assert dog.poll()
+    assert systemd_socket.recv() == {"WATCHDOG": "1"}
+
+    # The detector hangs; capture keeps going: no ping, and the log says which one is stuck, once.
+    for _ in range(3):
+        clock.now += 1.0
+        dog.beat("capture")
+        assert not dog.poll()
+    assert dog.stuck() == ("detector",)
+    assert systemd_socket.drain() == []
+    assert caplog.text.count("no progress from detector") == 1
+
+    # It recovers: the next poll pings at once (a ping is overdue).
+    dog.beat("detector")
+    assert dog.poll()
+    assert systemd_socket.recv() == {"WATCHDOG": "1"}
+    assert "detector progressing again" in caplog.text
+
+    # Both stall: both are named.
+    clock.now += 1.0
+    assert not dog.poll()
+    assert "no progress from capture, detector" in caplog.text
+
+
+def test_watchdog_with_real_threads(systemd_socket: NotifySocket) -> None:
+    """Two pipeline threads beat; the detector stops half-way; pings stop with it."""
+    notifier = Notifier(systemd_socket.env(WATCHDOG_USEC="40000"))  # ping every 20 ms
+    dog = Watchdog(notifier, ("capture", "detector"))
+    stop = threading.Event()
+    detector_alive = threading.Event()
+    detector_alive.set()
+
+    def run(name: str, alive: threading.Event | None) -> None:
+        while not stop.is_set():
+            if alive is None or alive.is_set():
+                dog.beat(name)
+            time.sleep(0.002)
+
+    threads = [
+        threading.Thread(target=run, args=("capture", None)),
+        threading.Thread(target=run, args=("detector", detector_alive)),
+    ]
+    for t in threads:
+        t.start()
+    try:
+        pings_alive = received = 0
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            pings_alive += dog.poll()
+            received += len(systemd_socket.drain())  # systemd reads as they come
+            time.sleep(0.005)
+        detector_alive.clear()
+        time.sleep(0.03)  # let a beat already under way land
+        dog.poll()
+        received += len(systemd_socket.drain())
+        pings_stalled = 0
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            pings_stalled += dog.poll()
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=2)
+    assert pings_alive >= 5
+    assert pings_stalled == 0
+    assert systemd_socket.drain() == []
+    assert received >= pings_alive
+
+
+def test_full_socket_queue_does_not_block(systemd_socket: NotifySocket, caplog: pytest.LogCaptureFixture) -> None:
+    """A manager that does not read fills the datagram queue; sends then time out instead of hanging."""
+    queue_length = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+    notifier = Notifier(systemd_socket.env())
+
+    def flood() -> None:
+        for _ in range(queue_length + 2):
+            notifier.watchdog()
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    sender.join(timeout=10)
+    blocked = sender.is_alive()
+    received = systemd_socket.drain()  # also unblocks a hung sender
+    sender.join(timeout=2)
+    assert not blocked
+    assert len(received) >= queue_length - 1
+    assert any("WATCHDOG=1" in r.getMessage() for r in caplog.records)
+
+
+def test_watchdog_needs_names() -> None:
+    with pytest.raises(ValueError, match="heartbeat"):
+        Watchdog(Notifier({}), ())
