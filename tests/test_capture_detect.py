@@ -66,8 +66,9 @@ def negative_clip(session: ModelSession, path: Path, seconds: float = 3.0) -> Cl
     """The loudest ``seconds`` of a negative recording (where its speech is), padded with silence."""
     audio = read_wav(path)
     n = int(seconds * RATE)
-    energy = np.convolve(audio.astype(np.float64) ** 2, np.ones(n), mode="valid")
-    start = int(np.argmax(energy[:: RATE // 10])) * (RATE // 10)
+    power = np.concatenate([[0.0], np.cumsum(audio.astype(np.float64) ** 2)])
+    starts = np.arange(0, max(1, audio.size - n + 1), RATE // 10)
+    start = int(starts[np.argmax(power[np.minimum(starts + n, audio.size)] - power[starts])])
     return make_clip(session, path.name, audio[start : start + n])
 
 
@@ -101,11 +102,13 @@ class DetectionLoop:
     from where the old stream stopped and the two streams' audio lie next to each other with nothing between.
     Feeding across that seam would join audio from before the unplug with audio after it (features, model cache
     and decoder prefixes), so when an input's ``reopens`` count grows, the site's detector stream is reset to
-    start at the first sample of the next read. The hub raises ``reopens`` only after the old stream has delivered
-    its last sample and sleeps ``reopen_backoff`` before opening again, so a read made before the count was seen
-    never holds audio of the new stream. A read that starts after the expected index (the reader fell more than
-    ``buffer_seconds`` behind and the ring skipped audio) is a real gap and resets the stream the same way.
-    Detection indices therefore stay in the hub's index space, which ``hub.history`` uses to cut segments.
+    start at the first sample of the next read. The status is taken before the reads, and the hub raises
+    ``reopens`` only after the old stream delivered its last sample and then sleeps ``reopen_backoff`` before
+    opening again, so a read that follows a status with the old count never holds audio of the new stream; the
+    old stream's unread tail (at most one poll's worth) goes to the new detector stream, which is harmless. A read
+    that starts after the expected index (the reader fell more than ``buffer_seconds`` behind and the ring skipped
+    audio) is a real gap and resets the stream the same way. Detection indices therefore stay in the hub's index
+    space, which ``hub.history`` uses to cut segments.
     """
 
     def __init__(self, hub: AudioHub, detector: Detector) -> None:
