@@ -23,7 +23,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from kwsd import __version__
+from kwsd.audio.resample import StreamResampler
 from kwsd.mqtt.messages import (
+    SAMPLE_RATE,
     AudioFrame,
     HaEventDiscovery,
     HotwordDetected,
@@ -47,6 +49,8 @@ ONLINE = b"online"
 OFFLINE = b"offline"
 _LOOP_TIMEOUT = 0.02
 """Seconds paho's select waits per turn; bounds the delay between queuing a message and sending it."""
+_MAX_SATELLITE_STREAMS = 256
+"""Satellite sites whose resampler state is kept; the least recently heard one is forgotten beyond this."""
 
 
 class ToggleState:
@@ -98,6 +102,15 @@ class PublisherCounters:
     """Inbound messages rejected as malformed."""
 
 
+@dataclass
+class _SatelliteStream:
+    """One satellite site's audio format and the resampler carrying its filter state from frame to frame."""
+
+    rate: int
+    channels: int
+    resampler: StreamResampler
+
+
 class _Connection:
     """State of one broker connection (one paho client); lives on the publisher's thread."""
 
@@ -147,6 +160,7 @@ class Publisher:
         self._last_warning = 0.0
         self._last_error = ""
         self.client_id = settings.client_id or f"kwsd-{socket.gethostname()}"
+        self._satellites: dict[str, _SatelliteStream] = {}  # publisher thread only; oldest first
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -630,8 +644,30 @@ class Publisher:
             if s.satellites.sites and site not in s.satellites.sites:
                 return
             frame = AudioFrame.from_payload(payload, site_id=site, max_bytes=s.satellites.max_frame_bytes)
-            samples = frame.samples()
+            samples = self._satellite_samples(site, frame)
             if self.on_audio is not None and len(samples):
                 self.on_audio(site, samples)
             return
         log.debug("MQTT ignoring message on %s", topic)
+
+
+    def _satellite_samples(self, site: str, frame: AudioFrame) -> np.ndarray:
+        """A satellite frame as 16 kHz mono int16, resampled with the filter state of the site's earlier frames
+        (frame boundaries are seamless). A change of rate or channel count starts a new stream for the site."""
+        data, rate, channels = frame._read()
+        stream = self._satellites.pop(site, None)
+        tail = np.zeros(0)
+        if stream is None or (stream.rate, stream.channels) != (rate, channels):
+            if stream is not None:
+                log.info("satellite %s now sends %d Hz, %d ch (was %d Hz, %d ch)",
+                         site, rate, channels, stream.rate, stream.channels)
+                tail = stream.resampler.flush()  # the old stream's last samples
+            stream = _SatelliteStream(rate, channels, StreamResampler(rate, SAMPLE_RATE, 1))
+        self._satellites[site] = stream  # most recently heard last
+        if len(self._satellites) > _MAX_SATELLITE_STREAMS:
+            del self._satellites[next(iter(self._satellites))]
+        mono = data.reshape(-1, channels).astype(np.float64).mean(axis=1)
+        out = stream.resampler.process(mono)
+        if tail.size:
+            out = np.concatenate((tail, out))
+        return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
