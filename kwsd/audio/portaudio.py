@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -53,6 +54,7 @@ class _Slots:
         self._defs: dict[int, str] = {}
         self._sd: ModuleType | None = None
         self._index: dict[int, int] = {}  # slot -> PortAudio device index
+        self._mtime = 0  # whole-second mtime of the last config written
 
     @property
     def path(self) -> Path:
@@ -97,7 +99,11 @@ class _Slots:
             lines.append(f"pcm.{SLOT_PREFIX}{i} {{ {self._defs.get(i, 'type null')} }}")
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)  # a new inode: alsa-lib notices the change on the next open
+        # alsa-lib reloads the file only when (device, inode, whole-second mtime) changed; a rename can reuse
+        # the inode of an earlier version within the same second, so every version gets a later mtime.
+        self._mtime = max(int(time.time()), self._mtime + 1)
+        os.utime(tmp, (self._mtime, self._mtime))
+        os.replace(tmp, self.path)
 
     def assign(self, body: str) -> int:
         """Define a free slot as ``body``; returns the PortAudio device index to open."""
