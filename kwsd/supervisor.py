@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 SATELLITE_QUEUE_BLOCKS = 2000  # per site; a satellite that floods faster than real time loses its oldest blocks
+# Most audio per site fed before a detector step. A backlog (fast file replay, a burst of satellite frames) is cut
+# into rounds of this size, so a wake is found while its keyword is still in the segment recorder's look-back.
+ROUND_SAMPLES = SAMPLE_RATE // 2
 
 
 class StartupError(RuntimeError):
@@ -112,13 +115,12 @@ class Pipeline:
 
     def run_once(self, hub: AudioHub) -> bool:
         """Read every site's new audio, run one batched detector step, publish; returns whether audio came."""
-        got_audio = False
-        captured = False
+        new: dict[str, tuple[np.ndarray, int]] = {}
         for site in hub.sites():
             samples, first = hub.read(site)
             if samples.size:
-                self._feed(site, samples, first)
-                got_audio = captured = True
+                new[site] = (samples, first)
+        captured = bool(new)
         with self.satellite_lock:
             pending = {site: list(q) for site, q in self.satellite_audio.items() if q}
             for q in self.satellite_audio.values():
@@ -129,19 +131,26 @@ class Pipeline:
                 self.detector.add_stream(site, 0)
                 self.daemon.publisher_sites_changed()
                 log.info("site %s: remote satellite joined", site)
-            for block in blocks:
-                self._feed(site, block, self.sites[site].next_sample)
-                got_audio = True
+            new[site] = (np.concatenate(blocks), self.sites[site].next_sample)
+        got_audio = bool(new)
         if captured:
             self.daemon.watchdog.beat("capture")
-        t0 = time.perf_counter()
-        hits = self.detector.step()
-        step = time.perf_counter() - t0
-        if got_audio:
-            self.busy_seconds += step
-            self.daemon.metrics.observe_step(step)
-        for hit in hits:
-            self._wake(hit, hub)
+        offset = 0
+        while True:
+            for site, (samples, first) in new.items():
+                if offset < samples.size:
+                    self._feed(site, samples[offset:offset + ROUND_SAMPLES], first + offset)
+            t0 = time.perf_counter()
+            hits = self.detector.step()
+            step = time.perf_counter() - t0
+            if got_audio:
+                self.busy_seconds += step
+                self.daemon.metrics.observe_step(step)
+            for hit in hits:
+                self._wake(hit, hub)
+            offset += ROUND_SAMPLES
+            if not any(offset < samples.size for samples, _ in new.values()):
+                break
         self._count_rejections()
         return got_audio
 
