@@ -81,6 +81,8 @@ class Pipeline:
         self.audio_seconds = 0.0
         self.busy_seconds = 0.0
         self._rejected: dict[str, int] = {}
+        self._input_reopens: dict[str, int] = {}
+        self._restart: set[str] = set()  # sites whose device was reopened: the next audio starts a new stream
 
     # -- streams --------------------------------------------------------------------------------------------
 
@@ -116,6 +118,12 @@ class Pipeline:
     def run_once(self, hub: AudioHub) -> bool:
         """Read every site's new audio, run one batched detector step, publish; returns whether audio came."""
         new: dict[str, tuple[np.ndarray, int]] = {}
+        # The capture index runs on across a device reopen (the gap is not counted), so a reopen is read from
+        # the status before the audio: the hub raises the count only after the old stream's last sample.
+        for name, st in hub.status().items():
+            if st.reopens != self._input_reopens.setdefault(name, st.reopens):
+                self._input_reopens[name] = st.reopens
+                self._restart.update(s for s in st.sites if s in self.sites)
         for site in hub.sites():
             samples, first = hub.read(site)
             if samples.size:
@@ -158,8 +166,12 @@ class Pipeline:
         state = self.sites.get(site)
         if state is None:
             return
-        if first != state.next_sample:
-            # Audio was lost (overrun, or the device was reopened): start the stream afresh at the new index,
+        if site in self._restart:
+            self._restart.discard(site)
+            log.info("site %s: device reopened; detector restarts at sample %d", site, first)
+            self.detector.reset_stream(site, first)
+        elif first != state.next_sample:
+            # Audio was lost (the reader fell behind the ring): start the stream afresh at the new index,
             # so no keyword is stitched together across the gap and stream time stays right.
             log.info("site %s: %d samples missing; detector restarts at sample %d",
                      site, first - state.next_sample, first)

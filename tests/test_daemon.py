@@ -146,6 +146,20 @@ def test_daemon_end_to_end(pulse_server: PulseServer, broker: Broker, notify: No
         time.sleep(1.5)
         assert not [m for m in sub.messages[before:] if m.topic.endswith("/wake")]
 
+        # Unplug and replug: capture resumes by name without a restart, the stream starts afresh, and the
+        # keyword said after the replug is heard.
+        pulse_server.unload(src)
+        _wait_for(lambda: "input kwsd_e2e: reopening" in daemon.text(), 15, "the unplug to be noticed", daemon)
+        src.reload()
+        src.play(np.zeros(1600, dtype=np.int16))
+        _wait_for(lambda: "device reopened; detector restarts" in daemon.text(), 20, "capture to resume", daemon)
+        before = len(sub.messages)
+        src.stop_feeding()
+        src.play(clip.astype(np.int16)).done.wait(20)
+        _wait_for(lambda: [m for m in sub.messages[before:] if m.topic == "kwsd/kitchen/wake"], 15,
+                  "a wake after the replug", daemon)
+        assert daemon.proc.poll() is None
+
         # SIGHUP with a broken config: reported, the old one keeps running.
         config.write_text("model: [unclosed\n")
         mark = time.monotonic()
