@@ -39,7 +39,8 @@ class Detection:
     end_sample: int
     """End of the window of the keyword's last token peak."""
     decided_sample: int
-    """How much of the stream's audio had been read when the detection was made (end + look-ahead + step)."""
+    """How much of the stream's audio the detection needed: the model frames up to the deciding one and the
+    model's look-ahead (at most the audio accepted). It does not depend on how audio was blocked or batched."""
     sample_rate: int = 16000
 
     @property
@@ -97,7 +98,9 @@ def build_keywords(settings: Iterable[KeywordSettings], tokens: Sequence[str], f
 
 
 class Detector:
-    def __init__(self, session: ModelSession, settings: DetectorSettings) -> None:
+    def __init__(self, session: ModelSession, settings: DetectorSettings, *, scan: bool = True) -> None:
+        """``scan``: judge each batch's posteriors in one vectorised pass and run only the decoders of streams
+        whose frames carry a keyword token (the detections are identical; false decodes every stream)."""
         self.session = session
         self.settings = settings
         c = session.contract
@@ -111,6 +114,8 @@ class Detector:
         self._cache = session.new_cache(0)
         self._free: list[int] = []
         self.timing = StepTiming()
+        self.scan = scan
+        self._scanner = self._new_decoder()  # judges the whole batch's posteriors for the per-stream decoders
 
     # -- streams --------------------------------------------------------------------------------------------
 
@@ -212,9 +217,15 @@ class Detector:
         t2 = time.perf_counter()
         delay = self.contract.delay_frames
         hits: list[Detection] = []
+        if self.scan:
+            busy, blank = self._scanner.scan(probs)
+            busy_l, blank_l = busy.tolist(), blank.tolist()
         for i, s in enumerate(streams):
             first = s.outputs - delay  # model frame index of this block's first output
             s.outputs += frames
+            if self.scan and first >= 0 and not busy_l[i]:
+                s.decoder.skip(first, frames, blank_l[i])  # no keyword token in these frames
+                continue
             p = probs[i]
             if first < 0:  # outputs before the stream's first frame: the look-ahead warming up
                 p, first = p[-first:], 0
@@ -230,7 +241,8 @@ class Detector:
                     start_sample=s.start_sample + hit.start_frame * self.frame_samples,
                     end_sample=s.start_sample + hit.end_frame * self.frame_samples
                     + self.contract.features.frame_length,
-                    decided_sample=s.start_sample + min(s.samples_in, s.outputs * self.frame_samples),
+                    decided_sample=s.start_sample + min(s.samples_in, (hit.decided_frame + delay + 1)
+                                                        * self.frame_samples),
                     sample_rate=self.sample_rate,
                 ))
         t3 = time.perf_counter()

@@ -1,0 +1,152 @@
+"""Many streams in one detector: batching and the batch-wide decoder scan change nothing, on real recordings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kwsd.kws.cli import read_wav
+from kwsd.kws.decoder import KeywordDecoder
+from kwsd.kws.detector import Detection, Detector, detect_samples
+from kwsd.kws.features import offline_features
+from kwsd.kws.session import ModelSession
+from kwsd.settings import DetectorSettings
+
+BLOCK = 1600  # 100 ms, as a live capture delivers it
+
+
+@pytest.fixture(scope="module")
+def session(model_path: Path) -> ModelSession:
+    return ModelSession(model_path, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def recordings(positives: list[Path], negatives: list[Path]) -> dict[str, np.ndarray]:
+    files = positives + negatives
+    assert len(positives) >= 10 and len(negatives) >= 10
+    return {p.name: read_wav(p) for p in files}
+
+
+def _alone(session: ModelSession, name: str, samples: np.ndarray) -> tuple[list[Detection], int]:
+    """One stream alone in its own detector, every decoder call on the plain path."""
+    det = Detector(session, DetectorSettings(), scan=False)
+    det.add_stream(name)
+    hits: list[Detection] = []
+    for i in range(0, samples.size, BLOCK):
+        det.accept(name, samples[i : i + BLOCK])
+        hits.extend(det.step())
+    hits.extend(det.finish(name))
+    return hits, det.rejected(name)
+
+
+def _together(session: ModelSession, audio: dict[str, np.ndarray], scan: bool, leave_early: dict[str, int]
+              ) -> tuple[dict[str, list[Detection]], dict[str, int], Detector]:
+    """All streams in one detector: stream i joins at tick 2*i, streams in ``leave_early`` leave after that many
+    blocks (removed without finishing), the others finish and leave when their audio ends."""
+    det = Detector(session, DetectorSettings(), scan=scan)
+    names = list(audio)
+    got: dict[str, list[Detection]] = {n: [] for n in names}
+    rejected: dict[str, int] = {}
+    joined = dict(zip(names, range(0, 2 * len(names), 2), strict=True))
+    ends = {n: min(leave_early.get(n, 1 << 30) * BLOCK, a.size) for n, a in audio.items()}
+    pos = dict.fromkeys(names, 0)
+    live: set[str] = set()
+    tick = 0
+    while tick < 10_000 and (len(live) or any(pos[n] < ends[n] for n in names)):
+        for n in names:
+            if tick == joined[n]:
+                det.add_stream(n)
+                live.add(n)
+            if n in live and pos[n] < ends[n]:
+                det.accept(n, audio[n][pos[n] : min(pos[n] + BLOCK, ends[n])])
+                pos[n] += BLOCK
+                if pos[n] >= ends[n]:
+                    if n not in leave_early:
+                        got[n].extend(det.finish(n))
+                    rejected[n] = det.rejected(n)
+                    det.remove_stream(n)
+                    live.discard(n)
+        for hit in det.step():
+            got[hit.stream].append(hit)
+        tick += 1
+    assert not live and det.streams == []
+    return got, rejected, det
+
+
+def test_batched_detections_equal_each_stream_alone(session: ModelSession, model_path: Path,
+                                                    recordings: dict[str, np.ndarray]) -> None:
+    """Every real recording as its own stream, joining and leaving at different steps, some leaving early."""
+    names = list(recordings)
+    leave_early = {names[3]: 25, names[-2]: 12}  # removed without finish(): their hits so far only
+    batched, rejected, det = _together(session, recordings, True, leave_early)
+    assert det.timing.steps < sum(-(-a.size // BLOCK) for a in recordings.values()) / 5  # really batched
+    small = ModelSession(model_path, providers=["CPUExecutionProvider"], max_batch=7)  # batches split in parts
+    split, _, _ = _together(small, recordings, True, leave_early)
+    total = 0
+    for n, samples in recordings.items():
+        if n in leave_early:
+            want: list[Detection] = []
+            alone_det = Detector(session, DetectorSettings(), scan=False)
+            alone_det.add_stream(n)
+            for i in range(0, leave_early[n] * BLOCK, BLOCK):
+                alone_det.accept(n, samples[i : i + BLOCK])
+                want.extend(alone_det.step())
+            want_rejected = alone_det.rejected(n)
+        else:
+            want, want_rejected = _alone(session, n, samples)
+        assert batched[n] == want, n  # every field, scores bit for bit
+        assert split[n] == want, n
+        assert rejected[n] == want_rejected, n
+        total += len(want)
+    assert total >= 20  # the positives fire: the comparison is not between empty lists
+
+
+def test_scan_fast_path_keeps_every_decoder_state(session: ModelSession, recordings: dict[str, np.ndarray]
+                                                  ) -> None:
+    """The batch-wide scan skips idle decoders; detections, rejections and frame counters stay exact."""
+    fast, fast_rejected, _ = _together(session, recordings, True, {})
+    plain, plain_rejected, _ = _together(session, recordings, False, {})
+    assert fast == plain and fast_rejected == plain_rejected
+    assert sum(len(h) for h in fast.values()) >= 20
+
+
+def _state(d: KeywordDecoder) -> dict[str, object]:
+    return {k: v for k, v in vars(d).items() if not isinstance(v, np.ndarray)}
+
+
+def test_scan_and_skip_match_step_frame_by_frame(session: ModelSession, recordings: dict[str, np.ndarray]
+                                                 ) -> None:
+    """Decoder level: the real model's posteriors of a batch, decoded by step() alone or by scan()+skip()."""
+    det = Detector(session, DetectorSettings())
+    feats = offline_features(np.concatenate(list(recordings.values())))  # every recording, one after another
+    streams, frames = 8, 3
+    length = feats.shape[0] // streams // frames * frames
+    batch = feats[: streams * length].reshape(streams, length, -1)
+    probs, _ = session.run(batch, session.new_cache(streams))
+    names = range(streams)
+    plain = [det._new_decoder() for _ in names]
+    fast = [det._new_decoder() for _ in names]
+    scanner: KeywordDecoder = det._new_decoder()
+    skipped = 0
+    for start in range(0, length, frames):
+        block = probs[:, start : start + frames]
+        busy, blank = scanner.scan(block)
+        for i in range(len(names)):
+            want = plain[i].step(block[i], start)
+            if busy[i]:
+                assert fast[i].step(block[i], start) == want
+            else:
+                assert want == []
+                fast[i].skip(start, frames, bool(blank[i]))
+                skipped += 1
+            assert _state(fast[i]) == _state(plain[i])
+    assert skipped > len(names) * length // frames // 2  # most blocks take the fast path
+
+
+def test_detect_samples_is_unchanged_by_the_scan(session: ModelSession, positives: list[Path]) -> None:
+    for path in positives[:4]:
+        samples = read_wav(path)
+        assert detect_samples(Detector(session, DetectorSettings()), "s", samples, BLOCK) == \
+            detect_samples(Detector(session, DetectorSettings(), scan=False), "s", samples, BLOCK)
