@@ -150,3 +150,19 @@ def test_detect_samples_is_unchanged_by_the_scan(session: ModelSession, positive
         samples = read_wav(path)
         assert detect_samples(Detector(session, DetectorSettings()), "s", samples, BLOCK) == \
             detect_samples(Detector(session, DetectorSettings(), scan=False), "s", samples, BLOCK)
+
+
+def test_io_binding_path_gives_the_same_outputs(model_path: Path, recordings: dict[str, np.ndarray]) -> None:
+    """The I/O-binding path (used on a GPU) runs here on the CPU provider: outputs equal plain runs bit for bit."""
+    plain = ModelSession(model_path, providers=["CPUExecutionProvider"], max_batch=3)
+    bound = ModelSession(model_path, providers=["CPUExecutionProvider"], max_batch=3)
+    assert plain.provider == bound.provider == "CPUExecutionProvider" and not plain.io_binding
+    bound.io_binding = True
+    feats = np.stack([offline_features(a)[:30] for a in list(recordings.values())[:5]])
+    cache_a = cache_b = plain.new_cache(5)
+    for t in range(0, 30, 3):
+        probs_a, cache_a = plain.run(feats[:, t : t + 3], cache_a)
+        probs_b, cache_b = bound.run(feats[:, t : t + 3], cache_b)
+        assert probs_a.shape == (5, 3, len(plain.contract.tokens))
+        assert np.array_equal(probs_a, probs_b) and np.array_equal(cache_a, cache_b)
+    assert np.abs(cache_a).sum() > 0
