@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from kwsd.kws import detector as detector_module
+from kwsd.kws import session as session_module
 from kwsd.kws.cli import read_wav
 from kwsd.kws.decoder import KeywordDecoder
 from kwsd.kws.detector import Detection, Detector, detect_samples
@@ -15,6 +19,18 @@ from kwsd.kws.session import ModelSession
 from kwsd.settings import DetectorSettings
 
 BLOCK = 1600  # 100 ms, as a live capture delivers it
+
+
+@contextmanager
+def split_from(rows: int) -> Iterator[None]:
+    """Split batches and feature extraction across threads from ``rows`` streams per thread (test batches are
+    small)."""
+    saved = session_module._SPLIT_MIN, detector_module._EXTRACT_MIN
+    session_module._SPLIT_MIN = detector_module._EXTRACT_MIN = rows
+    try:
+        yield
+    finally:
+        session_module._SPLIT_MIN, detector_module._EXTRACT_MIN = saved
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +98,14 @@ def test_batched_detections_equal_each_stream_alone(session: ModelSession, model
     leave_early = {names[3]: 25, names[-2]: 12}  # removed without finish(): their hits so far only
     batched, rejected, det = _together(session, recordings, True, leave_early)
     assert det.timing.steps < sum(-(-a.size // BLOCK) for a in recordings.values()) / 5  # really batched
-    small = ModelSession(model_path, providers=["CPUExecutionProvider"], max_batch=7)  # batches split in parts
-    split, _, _ = _together(small, recordings, True, leave_early)
+    # Batches split in parts of 7, each part again across 2 concurrent calls (3 and 4 streams).
+    small = ModelSession(model_path, providers=["CPUExecutionProvider"], max_batch=7, intra_op_threads=2)
+    assert small._split == 2
+    with split_from(3):
+        split, _, threaded = _together(small, recordings, True, leave_early)
+    assert small._pool is not None and threaded._pool is not None  # the concurrent calls did run
+    small.close()
+    threaded.close()
     total = 0
     for n, samples in recordings.items():
         if n in leave_early:
@@ -166,3 +188,23 @@ def test_io_binding_path_gives_the_same_outputs(model_path: Path, recordings: di
         assert probs_a.shape == (5, 3, len(plain.contract.tokens))
         assert np.array_equal(probs_a, probs_b) and np.array_equal(cache_a, cache_b)
     assert np.abs(cache_a).sum() > 0
+
+
+def test_accept_copies_the_callers_buffer(session: ModelSession, positives: list[Path]) -> None:
+    """A capture loop reuses one buffer for every block; features are extracted later, from the copies."""
+    samples = read_wav(positives[0])
+    want, _ = _alone(session, "s", samples)
+    det = Detector(session, DetectorSettings())
+    det.add_stream("s")
+    buf = np.empty(BLOCK, dtype=np.float32)
+    got: list[Detection] = []
+    for i in range(0, samples.size, BLOCK):
+        block = samples[i : i + BLOCK]
+        buf[: block.size] = block
+        det.accept("s", buf[: block.size])
+        if (i // BLOCK) % 3 == 2:  # several blocks queued before a step
+            got.extend(det.step())
+        buf[:] = 12345.0  # the next capture overwrites it
+    got.extend(det.step())
+    got.extend(det.finish("s"))
+    assert got == want and len(want) == 1
