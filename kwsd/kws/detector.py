@@ -270,9 +270,13 @@ class Detector:
         t0 = time.perf_counter()
         feats = np.stack([self._take(s, frames) for s in streams])
         slots = np.fromiter((s.slot for s in streams), dtype=np.intp, count=len(streams))
+        first, n = int(slots[0]), len(streams)
+        rows: slice | np.ndarray = slots
+        if int(slots[-1]) == first + n - 1 and (n < 3 or bool((np.diff(slots) == 1).all())):
+            rows = slice(first, first + n)  # consecutive slots (the usual case): a view in, a block copy out
         t1 = time.perf_counter()
-        probs, cache = self.session.run(feats, self._cache[slots])
-        self._cache[slots] = cache
+        probs, cache = self.session.run(feats, self._cache[rows])
+        self._cache[rows] = cache
         t2 = time.perf_counter()
         delay = self.contract.delay_frames
         hits: list[Detection] = []
