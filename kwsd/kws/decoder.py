@@ -315,14 +315,7 @@ class KeywordDecoder:
         if n_frames == 0:
             return []
 
-        sub = p[:, self._rel]  # [T, R]; column 0 is blank
-        member = sub > self.token_floor
-        if self.top_k < vocab and self.token_floor < self._sure:
-            unsure = (member & (sub < self._sure)).any(axis=1)
-            if unsure.any():
-                rows = np.flatnonzero(unsure)
-                kth = np.partition(p[rows], vocab - self.top_k, axis=1)[:, vocab - self.top_k]
-                member[rows] &= sub[rows] >= kth[:, None]
+        sub, member = self._members(p)
         keyword_rows = member[:, 1:].any(axis=1)
         blank_only = member[:, 0] & ~keyword_rows
         rows_idx = np.flatnonzero(keyword_rows)
@@ -351,6 +344,55 @@ class KeywordDecoder:
             self._collapse()
         self.beam_frames += int(rows_idx.size)
         return hits
+
+    def _members(self, p: npt.NDArray[np.floating]) -> tuple[np.ndarray, np.ndarray]:
+        """For rows ``[N, V]``: the relevant columns ``[N, R]`` (blank first) and which of them count.
+
+        A token counts when it is above the floor and among the row's top k. Each row is judged on its own, so
+        judging a whole batch at once gives every row the same answer as judging its stream alone.
+        """
+        vocab = p.shape[-1]
+        sub = p[:, self._rel]  # [N, R]; column 0 is blank
+        member = sub > self.token_floor
+        if self.top_k < vocab and self.token_floor < self._sure:
+            unsure = (member & (sub < self._sure)).any(axis=1)
+            if unsure.any():
+                rows = np.flatnonzero(unsure)
+                kth = np.partition(p[rows], vocab - self.top_k, axis=1)[:, vocab - self.top_k]
+                member[rows] &= sub[rows] >= kth[:, None]
+        return sub, member
+
+    def scan(self, probs: npt.NDArray[np.floating]) -> tuple[np.ndarray, np.ndarray]:
+        """Judge a batch of streams' posteriors ``[B, T, V]`` at once, for decoders with this one's settings.
+
+        Returns per stream whether any frame carries a keyword token (``busy [B]``: that stream needs
+        :meth:`step`) and whether any frame is blank-only (``blank [B]``: what :meth:`skip` needs otherwise).
+        Most streams are idle most of the time, so one vectorised pass replaces most per-stream calls.
+        """
+        p = np.asarray(probs)
+        if p.ndim != 3:
+            raise ValueError(f"posteriors must be [streams, frames, tokens], got shape {p.shape}")
+        n_streams, n_frames, vocab = p.shape
+        if vocab <= self._max_id:
+            raise ValueError(f"posteriors have {vocab} tokens; keyword token id {self._max_id} needs more")
+        _, member = self._members(p.reshape(n_streams * n_frames, vocab))
+        member = member.reshape(n_streams, n_frames, -1)
+        keyword_rows = member[:, :, 1:].any(axis=2)
+        busy = np.any(keyword_rows, axis=1)
+        blank = np.any(member[:, :, 0] & ~keyword_rows, axis=1)
+        return np.asarray(busy), np.asarray(blank)
+
+    def skip(self, first_frame: int, n_frames: int, blank_only: bool) -> None:
+        """Account for frames ``first_frame .. first_frame+n_frames-1`` that :meth:`scan` found free of keyword
+        tokens; ``blank_only`` says whether one of them was blank-only. Same effect as :meth:`step` on them."""
+        if first_frame < self._next_frame:
+            raise ValueError(
+                f"first_frame {first_frame} goes back before frame {self._next_frame} already decoded"
+            )
+        self._next_frame = first_frame + n_frames
+        self.frames += n_frames
+        if n_frames and blank_only:
+            self._collapse()
 
     def _collapse(self) -> None:
         """Apply a blank-only frame: every prefix now ends in blank. Ranking is unchanged; idempotent."""

@@ -13,7 +13,9 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
@@ -23,6 +25,9 @@ from kwsd.kws.session import ModelSession
 from kwsd.settings import DetectorSettings, KeywordSettings
 
 log = logging.getLogger(__name__)
+
+_EXTRACT_MIN = 16
+"""Fewest streams per thread worth handing feature extraction to a thread of its own."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,8 @@ class Detection:
     end_sample: int
     """End of the window of the keyword's last token peak."""
     decided_sample: int
-    """How much of the stream's audio had been read when the detection was made (end + look-ahead + step)."""
+    """How much of the stream's audio the detection needed: the model frames up to the deciding one and the
+    model's look-ahead (at most the audio accepted). It does not depend on how audio was blocked or batched."""
     sample_rate: int = 16000
 
     @property
@@ -69,6 +75,7 @@ class _Stream:
     features: FeatureStream
     decoder: KeywordDecoder
     start_sample: int
+    raw: list[np.ndarray] = field(default_factory=list)  # audio accepted, features not yet extracted
     pending: list[np.ndarray] = field(default_factory=list)
     pending_frames: int = 0
     outputs: int = 0  # model outputs produced so far (the first ``delay`` belong to the warm-up)
@@ -97,7 +104,12 @@ def build_keywords(settings: Iterable[KeywordSettings], tokens: Sequence[str], f
 
 
 class Detector:
-    def __init__(self, session: ModelSession, settings: DetectorSettings) -> None:
+    def __init__(self, session: ModelSession, settings: DetectorSettings, *, scan: bool = True,
+                 threads: int | None = None) -> None:
+        """``scan``: judge each batch's posteriors in one vectorised pass and run only the decoders of streams
+        whose frames carry a keyword token (the detections are identical; false decodes every stream).
+        ``threads``: threads extracting features in a step; default: the session's (``model.intra_op_threads``).
+        """
         self.session = session
         self.settings = settings
         c = session.contract
@@ -111,6 +123,18 @@ class Detector:
         self._cache = session.new_cache(0)
         self._free: list[int] = []
         self.timing = StepTiming()
+        self.scan = scan
+        self.threads = session.threads if threads is None else max(1, threads)
+        self._raw: dict[str, _Stream] = {}  # streams with audio waiting for feature extraction
+        self._pool: ThreadPoolExecutor | None = None
+        self._scanner = self._new_decoder()  # judges the whole batch's posteriors for the per-stream decoders
+
+    def close(self) -> None:
+        """Stop the feature threads (the detector stays usable, single-threaded)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self.threads = 1
 
     # -- streams --------------------------------------------------------------------------------------------
 
@@ -143,6 +167,7 @@ class Detector:
 
     def remove_stream(self, name: str) -> None:
         stream = self._streams.pop(name)
+        self._raw.pop(name, None)
         self._free.append(stream.slot)
 
     def reset_stream(self, name: str, start_sample: int | None = None) -> None:
@@ -157,19 +182,57 @@ class Detector:
     # -- audio ----------------------------------------------------------------------------------------------
 
     def accept(self, name: str, samples: np.ndarray) -> None:
-        """Queue 16 kHz mono audio (int16, or float on the int16 scale) for a stream."""
+        """Queue 16 kHz mono audio (int16, or float on the int16 scale) for a stream.
+
+        The audio is copied (the caller may reuse its buffer); its features are extracted by the next
+        :meth:`step` (or :meth:`finish`), for all streams at once and across ``threads`` threads.
+        """
         stream = self._streams[name]
+        block = np.array(samples, dtype=np.float32).ravel()
+        stream.samples_in += int(block.shape[0])
+        if block.shape[0]:
+            if not stream.raw:
+                self._raw[name] = stream
+            stream.raw.append(block)
+
+    def _extract(self, streams: list[_Stream]) -> None:
+        for stream in streams:
+            raw = stream.raw
+            frames = stream.features.accept(raw[0] if len(raw) == 1 else np.concatenate(raw))
+            stream.raw = []
+            if frames.shape[0]:
+                stream.pending.append(frames)
+                stream.pending_frames += frames.shape[0]
+
+    def _extract_all(self) -> None:
+        """Features for every stream with audio accepted since the last step (the extractor releases the
+        interpreter lock, so ``threads`` threads work on separate streams at once)."""
+        if not self._raw:
+            return
         t0 = time.perf_counter()
-        frames = stream.features.accept(samples)
+        streams = list(self._raw.values())
+        self._raw.clear()
+        parts = min(self.threads, len(streams) // _EXTRACT_MIN) if self.threads > 1 else 1
+        if parts > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kwsd-features")
+            edges = np.linspace(0, len(streams), parts + 1).astype(int).tolist()
+            futures = [self._pool.submit(self._extract, streams[a:b]) for a, b in pairwise(edges[1:])]
+            self._extract(streams[: edges[1]])
+            for f in futures:
+                f.result()
+        else:
+            self._extract(streams)
         self.timing.features += time.perf_counter() - t0
-        stream.samples_in += int(samples.shape[0])
-        if frames.shape[0]:
-            stream.pending.append(frames)
-            stream.pending_frames += frames.shape[0]
 
     def finish(self, name: str) -> list[Detection]:
         """End of a stream's input: flush its features and look-ahead and return the last detections."""
         stream = self._streams[name]
+        if stream.raw:
+            self._raw.pop(name, None)
+            t0 = time.perf_counter()
+            self._extract([stream])
+            self.timing.features += time.perf_counter() - t0
         tail = stream.features.flush()
         if tail.shape[0]:
             stream.pending.append(tail)
@@ -188,6 +251,7 @@ class Detector:
 
     def step(self) -> list[Detection]:
         """Run every stream with at least ``step_frames`` frames pending; repeat until none has."""
+        self._extract_all()
         hits: list[Detection] = []
         while True:
             ready = [s for s in self._streams.values() if s.pending_frames >= self.step_frames]
@@ -206,15 +270,25 @@ class Detector:
         t0 = time.perf_counter()
         feats = np.stack([self._take(s, frames) for s in streams])
         slots = np.fromiter((s.slot for s in streams), dtype=np.intp, count=len(streams))
+        first, n = int(slots[0]), len(streams)
+        rows: slice | np.ndarray = slots
+        if int(slots[-1]) == first + n - 1 and (n < 3 or bool((np.diff(slots) == 1).all())):
+            rows = slice(first, first + n)  # consecutive slots (the usual case): a view in, a block copy out
         t1 = time.perf_counter()
-        probs, cache = self.session.run(feats, self._cache[slots])
-        self._cache[slots] = cache
+        probs, cache = self.session.run(feats, self._cache[rows])
+        self._cache[rows] = cache
         t2 = time.perf_counter()
         delay = self.contract.delay_frames
         hits: list[Detection] = []
+        if self.scan:
+            busy, blank = self._scanner.scan(probs)
+            busy_l, blank_l = busy.tolist(), blank.tolist()
         for i, s in enumerate(streams):
             first = s.outputs - delay  # model frame index of this block's first output
             s.outputs += frames
+            if self.scan and first >= 0 and not busy_l[i]:
+                s.decoder.skip(first, frames, blank_l[i])  # no keyword token in these frames
+                continue
             p = probs[i]
             if first < 0:  # outputs before the stream's first frame: the look-ahead warming up
                 p, first = p[-first:], 0
@@ -230,7 +304,8 @@ class Detector:
                     start_sample=s.start_sample + hit.start_frame * self.frame_samples,
                     end_sample=s.start_sample + hit.end_frame * self.frame_samples
                     + self.contract.features.frame_length,
-                    decided_sample=s.start_sample + min(s.samples_in, s.outputs * self.frame_samples),
+                    decided_sample=s.start_sample + min(s.samples_in, (hit.decided_frame + delay + 1)
+                                                        * self.frame_samples),
                     sample_rate=self.sample_rate,
                 ))
         t3 = time.perf_counter()

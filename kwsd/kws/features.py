@@ -70,8 +70,11 @@ class FeatureStream:
     def reset(self) -> None:
         self._fbank = knf.OnlineFbank(self._opts)
         self._fbank_read = 0  # fbank frames taken out of the extractor
-        self._context = np.empty((0, self.config.num_mel_bins), dtype=np.float32)  # fbank frames kept for splicing
-        self._context_start = 0  # fbank index of _context[0]
+        # Fbank frames kept for splicing: rows [0, _context_len) of _context, the first one is fbank frame
+        # _context_start. A preallocated buffer, so a block of audio costs no concatenation.
+        self._context = np.empty((64, self.config.num_mel_bins), dtype=np.float32)
+        self._context_len = 0
+        self._context_start = 0
         self.frames_out = 0  # model frames produced so far; the next one is centred on fbank frame 3 * frames_out
         self.finished = False
 
@@ -80,7 +83,9 @@ class FeatureStream:
         if self.finished:
             raise RuntimeError("stream already flushed; reset() it first")
         if samples.size:
-            self._fbank.accept_waveform(self.config.sample_rate, np.asarray(samples, dtype=np.float32).ravel())
+            # A list converts into the extractor's float vector several times faster than an array does.
+            self._fbank.accept_waveform(self.config.sample_rate,
+                                        np.asarray(samples, dtype=np.float32).ravel().tolist())
         return self._emit(final=False)
 
     def flush(self) -> np.ndarray:
@@ -91,38 +96,60 @@ class FeatureStream:
         return out
 
     def _pull_fbank(self) -> None:
-        ready = self._fbank.num_frames_ready
-        if ready <= self._fbank_read:
+        fbank = self._fbank
+        ready = fbank.num_frames_ready
+        new = ready - self._fbank_read
+        if new <= 0:
             return
-        new = np.array([self._fbank.get_frame(i) for i in range(self._fbank_read, ready)], dtype=np.float32)
-        self._fbank.pop(ready - self._fbank_read)
+        end = self._context_len + new
+        if end > self._context.shape[0]:
+            grown = np.empty((max(2 * self._context.shape[0], end), self._context.shape[1]), dtype=np.float32)
+            grown[: self._context_len] = self._context[: self._context_len]
+            self._context = grown
+        ctx = self._context
+        row = self._context_len
+        for i in range(self._fbank_read, ready):
+            ctx[row] = fbank.get_frame(i)  # a view into the extractor: copied here before pop() frees it
+            row += 1
+        fbank.pop(new)
         self._fbank_read = ready
-        self._context = np.concatenate([self._context, new]) if self._context.size else new
+        self._context_len = end
 
     def _emit(self, final: bool) -> np.ndarray:
         self._pull_fbank()
         cfg = self.config
         total = self._fbank_read  # fbank frames seen so far
-        if total == 0:
-            return np.empty((0, cfg.dim), dtype=np.float32)
         # Model frame k needs fbank frames up to 3k + right; at the end, every k with 3k < total is emitted.
         if final:
             last = (total - 1) // cfg.lfr_stride
         else:
             last = (total - 1 - cfg.lfr_right) // cfg.lfr_stride
         count = last - self.frames_out + 1
-        if count <= 0:
+        if total == 0 or count <= 0:
             return np.empty((0, cfg.dim), dtype=np.float32)
-        centers = (self.frames_out + np.arange(count)) * cfg.lfr_stride
-        offsets = np.arange(-cfg.lfr_left, cfg.lfr_right + 1)
-        idx = np.clip(centers[:, None] + offsets[None, :], 0, total - 1) - self._context_start
-        out = self._context[idx].reshape(count, cfg.dim)
+        first_row = self.frames_out * cfg.lfr_stride - cfg.lfr_left
+        ctx = self._context
+        if first_row >= 0 and last * cfg.lfr_stride + cfg.lfr_right < total:
+            # Every spliced window lies inside the context: consecutive rows are contiguous, so model frame j is
+            # the flat run starting at row first_row + 3j.
+            row_bytes = ctx.strides[0]
+            out = np.ndarray((count, cfg.dim), dtype=np.float32, buffer=ctx,
+                             offset=(first_row - self._context_start) * row_bytes,
+                             strides=(cfg.lfr_stride * row_bytes, ctx.strides[1])).copy()
+        else:  # the first frames (left edge repeated) and the flush (right edge repeated)
+            centers = (self.frames_out + np.arange(count)) * cfg.lfr_stride
+            offsets = np.arange(-cfg.lfr_left, cfg.lfr_right + 1)
+            idx = np.clip(centers[:, None] + offsets[None, :], 0, total - 1) - self._context_start
+            out = ctx[idx].reshape(count, cfg.dim)
         self.frames_out += count
         # Keep only what the next model frame can still need as left context.
         keep_from = max(self.frames_out * cfg.lfr_stride - cfg.lfr_left, 0)
         drop = keep_from - self._context_start
         if drop > 0:
-            self._context = self._context[drop:]
+            left = self._context_len - drop
+            if left > 0:
+                ctx[:left] = ctx[drop : self._context_len]
+            self._context_len = max(left, 0)
             self._context_start = keep_from
         return out
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from kwsd.kws.contract import INPUT_CACHE, INPUT_FEATS, OUTPUT_CACHE, OUTPUT_PRO
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
+_SPLIT_MIN = 16
+"""Fewest streams per thread worth a concurrent call of their own."""
 
 
 class ModelError(RuntimeError):
@@ -51,10 +55,17 @@ class ModelSession:
         if unknown:
             log.info("execution providers %s are not available in this onnxruntime; using the rest", unknown)
         chosen = [p for p in wanted if p in available] + [CPU]
+        self.threads = max(1, intra_op_threads)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, intra_op_threads)
+        # On the CPU a batch is split across ``threads`` concurrent calls (each releases the interpreter lock):
+        # whole streams per thread scale better than onnxruntime's own split of this model's many small operators.
+        cpu_only = chosen == [CPU]
+        opts.intra_op_num_threads = 1 if cpu_only else self.threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads sleep instead of spinning: a step lasts milliseconds every 100 ms, and spinning
+        # threads would take the cores the feature extraction and other processes need.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = _create_session(str(self.path), opts, chosen)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
@@ -69,6 +80,11 @@ class ModelSession:
             raise ModelError(str(exc)) from exc
         self._check_io()
         self.max_batch = max(1, max_batch)
+        self.io_binding = self.provider != CPU
+        self._pool: ThreadPoolExecutor | None = None
+        self._split = self.threads if cpu_only else 1
+        """Run through an I/O binding (on a GPU: inputs copied once, outputs copied back once per call); the CPU
+        provider reads and writes the numpy arrays directly either way."""
 
     def _check_io(self) -> None:
         inputs = {i.name: i.shape for i in self._session.get_inputs()}
@@ -89,13 +105,49 @@ class ModelSession:
 
     def run(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Posteriors ``[B, T, tokens]`` and the new cache for ``feats [B, T, dim]`` and ``cache [B, ...]``."""
-        if feats.shape[0] <= self.max_batch:
-            probs, new_cache = self._session.run(
-                [OUTPUT_PROBS, OUTPUT_CACHE], {INPUT_FEATS: feats, INPUT_CACHE: cache})
-            return probs, new_cache
+        batch = feats.shape[0]
+        if batch <= self.max_batch:
+            if self._split > 1 and batch >= _SPLIT_MIN * self._split:
+                return self._run_split(feats, cache)
+            if self.io_binding:
+                return self._run_bound(feats, cache)
+            return self._call(feats, cache)
         parts = [self.run(feats[i : i + self.max_batch], cache[i : i + self.max_batch])
                  for i in range(0, feats.shape[0], self.max_batch)]
         return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
+
+    def _run_split(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One batch as ``threads`` concurrent calls on consecutive slices of streams."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._split - 1, thread_name_prefix="kwsd-model")
+        edges = np.linspace(0, feats.shape[0], self._split + 1).astype(int)
+        futures = [self._pool.submit(self._call, feats[a:b], cache[a:b]) for a, b in pairwise(edges[1:])]
+        parts = [self._call(feats[: edges[1]], cache[: edges[1]])] + [f.result() for f in futures]
+        return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
+
+    def _call(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, new_cache = self._session.run([OUTPUT_PROBS, OUTPUT_CACHE], {INPUT_FEATS: feats, INPUT_CACHE: cache})
+        return probs, new_cache
+
+    def close(self) -> None:
+        """Stop the helper threads of split batches (the session itself stays usable, single-threaded)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._split = 1
+
+    def _run_bound(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One call through an I/O binding: both inputs from host memory, both outputs back to host memory."""
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(INPUT_FEATS, np.ascontiguousarray(feats, dtype=np.float32))
+        binding.bind_cpu_input(INPUT_CACHE, np.ascontiguousarray(cache, dtype=np.float32))
+        binding.bind_output(OUTPUT_PROBS, "cpu")
+        binding.bind_output(OUTPUT_CACHE, "cpu")
+        binding.synchronize_inputs()
+        self._session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        probs, new_cache = binding.copy_outputs_to_cpu()
+        return probs, new_cache
 
     def warm_up(self, batch: int = 1, frames: int = 3) -> float:
         """One call on silence-like input so the first real step is not slow; returns its seconds."""
