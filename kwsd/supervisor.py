@@ -389,16 +389,10 @@ class Daemon:
     def _update_metrics(self) -> None:
         if self.hub is not None:
             for name, st in self.hub.status().items():
-                for key, value, record in (("reopens", st.reopens, self.metrics.reopen),
-                                           ("overruns", st.overruns, None)):
-                    seen = (self._reopens if key == "reopens" else self._overruns).get(name, 0)
-                    if value > seen:
-                        if record is not None:
-                            for _ in range(value - seen):
-                                record(name)
-                        else:
-                            self.metrics.overrun(name, value - seen)
-                    (self._reopens if key == "reopens" else self._overruns)[name] = value
+                self.metrics.overrun(name, max(0, st.overruns - self._overruns.get(name, 0)))
+                for _ in range(st.reopens - self._reopens.get(name, 0)):
+                    self.metrics.reopen(name)
+                self._overruns[name], self._reopens[name] = st.overruns, st.reopens
         if self.publisher is not None:
             c = self.publisher.counters
             for _ in range(max(0, c.reconnects - self._reconnects)):

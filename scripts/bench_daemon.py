@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kwsd.kws.cli import read_wav  # noqa: E402
+from kwsd.audio.wavfile import read_wav  # noqa: E402
 
 
 def free_port() -> int:

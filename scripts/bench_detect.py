@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kwsd.kws.cli import read_wav
+from kwsd.audio.wavfile import read_wav
 from kwsd.kws.detector import Detector
 from kwsd.kws.session import ModelSession
 from kwsd.settings import DetectorSettings

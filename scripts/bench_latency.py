@@ -40,7 +40,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import yaml
 
-from kwsd.kws.cli import read_wav
+from kwsd.audio.wavfile import read_wav
 
 REPO = Path(__file__).resolve().parent.parent
 RATE = 16000

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kwsd.kws.cli import read_wav
+from kwsd.audio.wavfile import read_wav
 from kwsd.kws.detector import Detector
 from kwsd.kws.session import CPU, ModelSession
 from kwsd.settings import DetectorSettings

@@ -20,7 +20,7 @@ import pytest
 from scipy.signal import correlate, resample_poly
 
 from kwsd.audio.hub import AudioHub
-from kwsd.kws.cli import read_wav
+from kwsd.audio.wavfile import read_wav
 from kwsd.kws.detector import Detection, Detector, detect_samples
 from kwsd.kws.session import ModelSession
 from kwsd.settings import DetectorSettings, InputSettings

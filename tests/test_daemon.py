@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from kwsd.kws.cli import read_wav
+from kwsd.audio.wavfile import read_wav
 from tests.fixtures_broker import Broker, Subscriber, wait_until
 from tests.fixtures_pulse import PulseServer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kwsd.kws.cli import read_wav
+from kwsd.audio.wavfile import read_wav
 from kwsd.kws.decoder import KeywordError
 from kwsd.kws.detector import Detection, Detector, detect_samples
 from kwsd.kws.session import ModelSession

@@ -10,10 +10,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from kwsd.audio.wavfile import read_wav
 from kwsd.kws.contract import ModelContract
 from kwsd.kws.features import FeatureStream, offline_features
 from kwsd.kws.session import ModelError, ModelSession
-from kwsd.model.export import ExportError, export_model, greedy_text, read_wav_int16
+from kwsd.model.export import ExportError, export_model, greedy_text
 from kwsd.model.nnet1 import Nnet1Error, count_params, read_cmvn, read_nnet
 from kwsd.model.reference import forward
 
@@ -36,7 +37,7 @@ def cmvn(model_mirror: Path):
 
 @pytest.fixture(scope="module")
 def example(audio_dir: Path) -> np.ndarray:
-    return read_wav_int16(audio_dir / "positive/kws_xiaoyunxiaoyun.wav")
+    return read_wav(audio_dir / "positive/kws_xiaoyunxiaoyun.wav")
 
 
 def test_parser_reads_the_real_network(net) -> None:
@@ -131,7 +132,7 @@ def test_export_verifies_and_states_its_contract(model_mirror: Path, audio_dir: 
     assert c.tokens[1462] == "小" and c.tokens[976] == "云" and c.blank_id == 0
 
     # independent check on another real recording: streaming ONNX vs float64 numpy, aligned by the look-ahead
-    feats = offline_features(read_wav_int16(next((audio_dir / "positive").glob("*_sox_1.wav"))))
+    feats = offline_features(read_wav(next((audio_dir / "positive").glob("*_sox_1.wav"))))
     probs, _ = session.run(feats[None], session.new_cache(1))
     ref = forward(net, feats, *cmvn)
     np.testing.assert_allclose(probs[0, 44 + 8 :], ref[44 : feats.shape[0] - 8], atol=1e-4)

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from scipy.signal import resample_poly
 
-from kwsd.kws.cli import read_wav
+from kwsd.audio.wavfile import read_wav
 from kwsd.mqtt.messages import AudioFrame, to_wav
 from tests.fixtures_broker import Broker, Subscriber, TlsFiles, wait_until
 

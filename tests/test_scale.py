@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kwsd.audio.wavfile import read_wav
 from kwsd.kws import detector as detector_module
 from kwsd.kws import session as session_module
-from kwsd.kws.cli import read_wav
 from kwsd.kws.decoder import KeywordDecoder
 from kwsd.kws.detector import Detection, Detector, detect_samples
 from kwsd.kws.features import offline_features

@@ -110,3 +110,9 @@ class StreamResampler:
             info = np.iinfo(self._dtype)
             y = np.clip(np.rint(y), info.min, info.max).astype(self._dtype)
         return y[:, 0] if mono else y
+
+
+def resample_once(samples: np.ndarray, rate_in: int, rate_out: int = 16000) -> np.ndarray:
+    """A whole 1-D recording at ``rate_in`` resampled to ``rate_out`` (the same samples as ``resample_poly``)."""
+    r = StreamResampler(rate_in, rate_out)
+    return np.concatenate((r.process(samples), r.flush()))

@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 import time
-import wave
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,49 +16,13 @@ from typing import Any
 import numpy as np
 
 from kwsd import settings as settings_mod
+from kwsd.audio.wavfile import AudioFileError, read_wav
 from kwsd.kws.decoder import KeywordDecoder, KeywordError
 from kwsd.kws.detector import Detector, build_keywords, detect_samples
 from kwsd.kws.session import ModelError, ModelSession
 from kwsd.settings import ConfigError, KeywordSettings, Settings
 
 log = logging.getLogger(__name__)
-
-
-class AudioFileError(ValueError):
-    """A recording cannot be read; the message names the file."""
-
-
-def read_wav(path: Path, channel: int | None = 0, rate: int = 16000) -> np.ndarray:
-    """A WAV file's samples as int16-scale float32 at ``rate``: one channel, or the mean of all (``None``)."""
-    try:
-        with wave.open(str(path), "rb") as w:
-            width, channels, file_rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
-            raw = w.readframes(w.getnframes())
-    except (OSError, wave.Error, EOFError) as exc:
-        raise AudioFileError(f"{path}: cannot read WAV: {exc}") from exc
-    if width == 2:
-        data = np.frombuffer(raw, dtype="<i2").astype(np.float32)
-    elif width == 4:
-        data = np.frombuffer(raw, dtype="<i4").astype(np.float32) / 65536.0
-    elif width == 1:
-        data = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) * 256.0
-    else:
-        raise AudioFileError(f"{path}: {8 * width}-bit samples are not supported (use 8, 16 or 32-bit PCM)")
-    data = data.reshape(-1, channels)
-    if channel is None:
-        mono = data.mean(axis=1)
-    elif not 0 <= channel < channels:
-        raise AudioFileError(f"{path}: has {channels} channel(s); channel {channel} does not exist")
-    else:
-        mono = data[:, channel]
-    if file_rate != rate:
-        from math import gcd
-
-        from scipy.signal import resample_poly
-
-        g = gcd(file_rate, rate)
-        mono = resample_poly(mono, rate // g, file_rate // g).astype(np.float32)
-    return np.ascontiguousarray(mono, dtype=np.float32)
 
 
 def _load_settings(args: argparse.Namespace) -> Settings:

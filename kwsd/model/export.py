@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import time
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from kwsd import __version__
+from kwsd.audio.wavfile import AudioFileError, read_wav
 from kwsd.kws.contract import INPUT_CACHE, INPUT_FEATS, OUTPUT_CACHE, OUTPUT_PROBS, ModelContract
+from kwsd.kws.decoder import KeywordError, load_tokens
 from kwsd.kws.features import FeatureConfig, offline_features
 from kwsd.model.nnet1 import Component, read_cmvn, read_nnet
 from kwsd.model.reference import forward
@@ -68,28 +69,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def read_tokens(path: Path) -> tuple[str, ...]:
-    lines = path.read_text(encoding="utf-8").split("\n")
-    while lines and lines[-1] == "":
-        lines.pop()
-    tokens = tuple(line.strip() for line in lines)
-    if len(set(tokens)) != len(tokens) or any(not t for t in tokens):
-        raise ExportError(f"{path}: the token list has empty or duplicate entries")
-    return tokens
-
-
-def read_wav_int16(path: Path) -> np.ndarray:
-    """A 16 kHz mono 16-bit WAV as int16 samples (the example recording's format)."""
-    try:
-        with wave.open(str(path), "rb") as w:
-            if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (16000, 1, 2):
-                raise ExportError(f"{path}: expected 16 kHz mono 16-bit, got {w.getframerate()} Hz, "
-                                  f"{w.getnchannels()} channels, {8 * w.getsampwidth()} bits")
-            return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.int16)
-    except (OSError, wave.Error, EOFError) as exc:
-        raise ExportError(f"{path}: cannot read the WAV file: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,7 +281,13 @@ def export_model(upstream: Path, output: Path, example: Path | None = None) -> E
         shift, scale = read_cmvn(paths[CMVN_FILE])
     except Nnet1Error as exc:
         raise ExportError(str(exc)) from exc
-    tokens = read_tokens(paths[TOKENS_FILE])
+    try:
+        tokens = load_tokens(paths[TOKENS_FILE])
+        samples = read_wav(example)
+    except (KeywordError, AudioFileError) as exc:
+        raise ExportError(str(exc)) from exc
+    if len(set(tokens)) != len(tokens):
+        raise ExportError(f"{paths[TOKENS_FILE]}: the token list has duplicate entries")
     if components[-1].output_dim != len(tokens):
         raise ExportError(f"the network outputs {components[-1].output_dim} tokens but "
                           f"{paths[TOKENS_FILE]} lists {len(tokens)}")
@@ -328,7 +313,7 @@ def export_model(upstream: Path, output: Path, example: Path | None = None) -> E
     tmp = output.with_name(output.name + ".tmp")
     try:
         onnx.save(model, str(tmp))
-        diff, frames, chunk_diff, text, ms = verify(tmp, components, shift, scale, contract, read_wav_int16(example))
+        diff, frames, chunk_diff, text, ms = verify(tmp, components, shift, scale, contract, samples)
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)

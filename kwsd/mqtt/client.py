@@ -654,7 +654,7 @@ class Publisher:
     def _satellite_samples(self, site: str, frame: AudioFrame) -> np.ndarray:
         """A satellite frame as 16 kHz mono int16, resampled with the filter state of the site's earlier frames
         (frame boundaries are seamless). A change of rate or channel count starts a new stream for the site."""
-        data, rate, channels = frame._read()
+        data, rate, channels = frame.pcm()
         stream = self._satellites.pop(site, None)
         tail = np.zeros(0)
         if stream is None or (stream.rate, stream.channels) != (rate, channels):

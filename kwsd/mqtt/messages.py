@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from kwsd.audio.resample import resample_once
+
 SAMPLE_RATE = 16000
 
 EndReason = Literal["silence", "max_length", "interrupted", "stopped"]
@@ -413,10 +415,10 @@ class AudioFrame:
         if len(payload) > max_bytes:
             raise MessageError(f"{cls.WHAT}: frame of {len(payload)} bytes exceeds the limit of {max_bytes}")
         frame = cls(wav=bytes(payload), site_id=site_id)
-        frame._read()  # validates
+        frame.pcm()  # validates
         return frame
 
-    def _read(self) -> tuple[np.ndarray, int, int]:
+    def pcm(self) -> tuple[np.ndarray, int, int]:
         """(interleaved int16 samples, rate, channels), or ``MessageError``."""
         w = self.WHAT
         if len(self.wav) < 44 or self.wav[:4] != b"RIFF" or self.wav[8:12] != b"WAVE":
@@ -451,7 +453,7 @@ class AudioFrame:
 
     def samples(self) -> np.ndarray:
         """The audio as 16 kHz mono int16 (channels averaged, resampled with a polyphase filter)."""
-        data, rate, channels = self._read()
+        data, rate, channels = self.pcm()
         return to_mono_16k(data, rate, channels)
 
 
@@ -460,10 +462,7 @@ def to_mono_16k(interleaved: np.ndarray, rate: int, channels: int) -> np.ndarray
     x = interleaved.reshape(-1, channels).astype(np.float32)
     mono = x.mean(axis=1) if channels > 1 else x[:, 0]
     if rate != SAMPLE_RATE and len(mono):
-        from scipy.signal import resample_poly
-
-        g = math.gcd(rate, SAMPLE_RATE)
-        mono = resample_poly(mono, SAMPLE_RATE // g, rate // g)
+        mono = resample_once(mono, rate, SAMPLE_RATE)
     return np.clip(np.rint(mono), -32768, 32767).astype(np.int16)
 
 
