@@ -81,7 +81,7 @@ class Pipeline:
         self.audio_seconds = 0.0
         self.busy_seconds = 0.0
         self._rejected: dict[str, int] = {}
-        self._input_reopens: dict[str, int] = {}
+        self._site_reopens: dict[str, int] = {}
         self._restart: set[str] = set()  # sites whose device was reopened: the next audio starts a new stream
 
     # -- streams --------------------------------------------------------------------------------------------
@@ -118,13 +118,14 @@ class Pipeline:
     def run_once(self, hub: AudioHub) -> bool:
         """Read every site's new audio, run one batched detector step, publish; returns whether audio came."""
         new: dict[str, tuple[np.ndarray, int]] = {}
-        # The capture index runs on across a device reopen (the gap is not counted), so a reopen is read from
-        # the status before the audio: the hub raises the count only after the old stream's last sample.
-        for name, st in hub.status().items():
-            if st.reopens != self._input_reopens.setdefault(name, st.reopens):
-                self._input_reopens[name] = st.reopens
-                self._restart.update(s for s in st.sites if s in self.sites)
         for site in hub.sites():
+            # The capture index runs on across a device reopen (the gap is not counted), so a reopen is read
+            # before the audio: the hub raises the count only after the old stream's last sample.
+            reopens = hub.reopens(site)
+            if reopens != self._site_reopens.setdefault(site, reopens):
+                self._site_reopens[site] = reopens
+                if site in self.sites:
+                    self._restart.add(site)
             samples, first = hub.read(site)
             if samples.size:
                 new[site] = (samples, first)
@@ -161,6 +162,11 @@ class Pipeline:
                 break
         self._count_rejections()
         return got_audio
+
+    def targets(self) -> dict[str, int]:
+        """Per local site, the absolute capture index up to which audio completes the detector's next step."""
+        return {site: st.next_sample + self.detector.samples_needed(site)
+                for site, st in self.sites.items() if not st.satellite}
 
     def _feed(self, site: str, samples: np.ndarray, first: int) -> None:
         state = self.sites.get(site)
@@ -299,6 +305,8 @@ class Daemon:
 
     def wake_pipeline(self) -> None:
         self._wakeup.set()
+        if self.hub is not None:
+            self.hub.wake()
 
     def _pipeline_loop(self) -> None:
         assert self.hub is not None and self.pipeline is not None
@@ -309,7 +317,8 @@ class Daemon:
                 self._apply(pending)
             hub, pipeline = self.hub, self.pipeline
             if not self._wakeup.is_set():
-                hub.wait(0.1)
+                # Sleep until some site can complete a detector step (about every 90 ms), not per capture block.
+                hub.wait(0.25, pipeline.targets())
             self._wakeup.clear()
             try:
                 pipeline.run_once(hub)
@@ -427,7 +436,7 @@ class Daemon:
             self.notifier.ready(self.status_line())
             return False
         self._pending = new
-        self._wakeup.set()
+        self.wake_pipeline()
         return True
 
     def serve(self, handle_signals: bool = True) -> int:
@@ -473,7 +482,7 @@ class Daemon:
     def shutdown(self) -> None:
         self.notifier.stopping("stopping")
         self.stop_event.set()
-        self._wakeup.set()
+        self.wake_pipeline()
         if self._thread is not None:
             self._thread.join(timeout=3.0)
         if self.hub is not None:

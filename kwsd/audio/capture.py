@@ -1,18 +1,12 @@
-"""One input: opens its device (or file, or stdin), keeps it running, and turns its channels into 16 kHz
-sites.
+"""One input: opens its device (or file, or stdin), keeps it running, and turns its channels into 16 kHz sites.
 
-Per input: the source (PortAudio callback or replay feeder thread) copies native-rate interleaved frames into
-a
-preallocated ring; the input's own thread takes them from there, picks each site's channel, resamples to 16
-kHz
-and appends to one 16 kHz ring per site. Readers (the hub) keep a cursor per site.
+Per input: the source (PortAudio callback or replay feeder thread) copies native-rate interleaved frames into a
+preallocated ring and wakes the input's own thread, which takes them from there, picks each site's channel,
+resamples to 16 kHz and appends to one 16 kHz ring per site. Readers (the hub) keep a cursor per site.
 
-Recovery: a device that delivers nothing for ``stall_timeout`` seconds, reports an error, or whose PulseAudio
-source
-disappears is aborted (never ``stop()``, which can hang) and reopened by name with doubling backoff; a source
-that
-PulseAudio reports back wakes the input at once. The 16 kHz index of a site counts delivered samples: it
-continues
+Recovery: a device that delivers nothing for ``stall_timeout`` seconds, reports an error, or whose PulseAudio source
+disappears is aborted (never ``stop()``, which can hang) and reopened by name with doubling backoff; a source that
+PulseAudio reports back wakes the input at once. The 16 kHz index of a site counts delivered samples: it continues
 from where it stopped, so a gap in the audio is not filled with invented samples and time simply jumps.
 """
 
@@ -77,8 +71,7 @@ class InputStatus:
     rate: int = 0
     channels: int = 0
     overruns: int = 0
-    """Readers that fell more than the ring behind (capture side and site side), plus PortAudio input
-    overflows."""
+    """Readers that fell more than the ring behind (capture side and site side), plus PortAudio input overflows."""
     reopens: int = 0
     samples: int = 0
     """16 kHz samples delivered per site."""
@@ -103,7 +96,7 @@ class _Source:
 
 
 class _DeviceSource(_Source):
-    def __init__(self, settings: InputSettings, kind: Kind, device_index: int) -> None:
+    def __init__(self, settings: InputSettings, kind: Kind, device_index: int, wake: Callable[[], None]) -> None:
         sd = portaudio.sounddevice()
         self.settings = settings
         dev = settings.device
@@ -134,6 +127,7 @@ class _DeviceSource(_Source):
             if status:
                 self.xruns += 1
             ring.write(indata)
+            wake()
 
         def finished() -> None:
             if not self.failure:
@@ -181,13 +175,18 @@ class _DeviceSource(_Source):
 
 
 class _ReplaySource(_Source):
-    """A WAV file or raw s16le stdin, fed into the ring by a thread at real-time pace or as fast as it is
-    read."""
+    """A WAV file or raw s16le stdin, fed into the ring by a thread at real-time pace or as fast as it is read."""
 
     def __init__(
-        self, settings: InputSettings, kind: Kind, backlog: Callable[[], float], halt: threading.Event
+        self,
+        settings: InputSettings,
+        kind: Kind,
+        backlog: Callable[[], float],
+        halt: threading.Event,
+        wake: Callable[[], None],
     ) -> None:
         self.settings = settings
+        self._wake = wake
         self._backlog = backlog
         self._halt = halt
         self._fh: BinaryIO
@@ -250,10 +249,12 @@ class _ReplaySource(_Source):
                     if delay > 0:
                         self._halt.wait(delay)
                 self.ring.write(frames)
+                self._wake()
                 sent += frames.shape[0]
         except (OSError, ValueError, wave.Error) as exc:
             self.failure = f"reading {self.settings.device}: {exc}"
         self.finished = True
+        self._wake()
 
     def alive(self) -> bool:
         return True
@@ -273,7 +274,7 @@ class InputWorker(threading.Thread):
         self,
         settings: InputSettings,
         stop: threading.Event,
-        notify: Callable[[], None],
+        notify: Callable[[InputWorker], None],
     ) -> None:
         super().__init__(name=f"kwsd-input-{settings.label}", daemon=True)
         self.settings = settings
@@ -405,7 +406,7 @@ class InputWorker(threading.Thread):
     def _open(self) -> _Source:
         self._gone.clear()
         if self.kind in ("file", "stdin"):
-            return _ReplaySource(self.settings, self.kind, self.backlog, self._halt)
+            return _ReplaySource(self.settings, self.kind, self.backlog, self._halt, self._wake.set)
         if self._device_index is None:
             body = (
                 portaudio.pulse_pcm(self.settings.device)
@@ -416,7 +417,7 @@ class InputWorker(threading.Thread):
                 self._device_index = portaudio.SLOTS_REGISTRY.assign(body)
             except RuntimeError as exc:
                 raise DeviceError(f"{self.settings.device!r}: {exc}") from exc
-        return _DeviceSource(self.settings, self.kind, self._device_index)
+        return _DeviceSource(self.settings, self.kind, self._device_index, self._wake.set)
 
     def _close(self) -> None:
         src = self._source
@@ -432,12 +433,14 @@ class InputWorker(threading.Thread):
         channels = list(self.site_channels)
         sites = [self.site_channels[c] for c in channels]
         resampler = StreamResampler(src.rate, RATE, len(channels))
-        poll = max(0.002, min(0.01, self.settings.block_ms / 2000))
+        # The source wakes this thread when it delivers; the timeout only paces the liveness checks.
+        idle = min(0.25, self.settings.stall_timeout / 4)
         last_data = time.monotonic()
         live = isinstance(src, _DeviceSource)
         while True:
             if self._stopping():
                 return "stopped"
+            self._wake.clear()  # before reading: a delivery from now on makes the wait below return at once
             data, start = src.ring.read(self._native_cursor)
             if data.shape[0]:
                 self._native_cursor = start + data.shape[0]
@@ -460,8 +463,7 @@ class InputWorker(threading.Thread):
                     return f"{dev} stream stopped"
                 if time.monotonic() - last_data > self.settings.stall_timeout:
                     return f"{dev} delivered no audio for {self.settings.stall_timeout:g} s"
-            self._wake.wait(poll)
-            self._wake.clear()
+            self._wake.wait(idle)
 
     def _deliver(self, out: np.ndarray, sites: list[str]) -> None:
         if out.shape[0] == 0:
@@ -471,7 +473,7 @@ class InputWorker(threading.Thread):
         for i, site in enumerate(sites):
             self.rings[site].write(out[:, i])
         self.status.samples += out.shape[0]
-        self._notify()
+        self._notify(self)
 
     def snapshot(self) -> InputStatus:
         st = self.status

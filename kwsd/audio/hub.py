@@ -1,11 +1,9 @@
-"""AudioHub: all inputs of the config, each channel a site, read as 16 kHz int16 mono by absolute sample
-index.
+"""AudioHub: all inputs of the config, each channel a site, read as 16 kHz int16 mono by absolute sample index.
 
-Capture never waits for the detector (rings overwrite the oldest audio and count it) and the detector never
-waits
-for capture (``read`` returns whatever is new, possibly nothing). A failing or stalled input is reopened on
-its own
-thread and never affects the others.
+Capture never waits for the detector (rings overwrite the oldest audio and count it) and the detector never waits
+for capture (``read`` returns whatever is new, possibly nothing). A failing or stalled input is reopened on its own
+thread and never affects the others. The reader says how much audio it wants next (``wait``'s targets), so it is
+woken once per detector step rather than once per capture block.
 """
 
 from __future__ import annotations
@@ -49,6 +47,8 @@ class AudioHub:
         self._started = False
         self._watcher: threading.Thread | None = None
         self._watcher_stop = threading.Event()
+        self._targets: dict[str, int] = {}  # site -> absolute index the reader waits for (under _cond)
+        self._woken = False  # wake() was called since the last wait (under _cond)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def _make(self, settings: InputSettings) -> InputWorker:
@@ -107,8 +107,7 @@ class AudioHub:
 
     def update(self, inputs: Sequence[InputSettings]) -> None:
         """Apply a new list of inputs: unchanged ones keep capturing (and their sites' indices), removed ones
-        stop,
-        new ones start."""
+        stop, new ones start."""
         _check_sites(inputs)
         with self._lock:
             old = list(self._workers)
@@ -142,8 +141,7 @@ class AudioHub:
     def read(self, site: str) -> tuple[np.ndarray, int]:
         """New 16 kHz int16 mono samples of ``site`` since the last read, and the absolute index of the first.
 
-        Never blocks. If the reader fell more than ``buffer_seconds`` behind, the oldest samples are skipped
-        (the
+        Never blocks. If the reader fell more than ``buffer_seconds`` behind, the oldest samples are skipped (the
         index says where the data really starts) and counted as overruns.
         """
         worker = self._by_site.get(site)
@@ -152,8 +150,7 @@ class AudioHub:
         return worker.read(site)
 
     def history(self, site: str, start: int, frames: int) -> tuple[np.ndarray, int]:
-        """Up to ``frames`` 16 kHz samples of ``site`` from absolute index ``start`` (still in the ring),
-        without
+        """Up to ``frames`` 16 kHz samples of ``site`` from absolute index ``start`` (still in the ring), without
         moving the read cursor; for cutting pre-roll and follow-up segments."""
         worker = self._by_site[site]
         data, actual = worker.rings[site].read(start, frames)
@@ -163,16 +160,43 @@ class AudioHub:
         """Absolute 16 kHz index after the newest sample of ``site``."""
         return self._by_site[site].rings[site].end
 
-    def _notify(self) -> None:
+    def reopens(self, site: str) -> int:
+        """How many times the input of ``site`` has been reopened. The count rises only after the old stream's
+        last sample was delivered, so a reader that checks it before ``read`` knows where the new stream starts."""
+        return self._by_site[site].status.reopens
+
+    def _notify(self, worker: InputWorker | None = None) -> None:
+        """An input delivered audio (or something changed): wake the reader if it has what it waits for."""
         with self._cond:
+            if worker is None or self._reached(worker):
+                self._cond.notify_all()
+
+    def _reached(self, worker: InputWorker) -> bool:
+        for site, ring in worker.rings.items():
+            target = self._targets.get(site)
+            if ring.end >= (worker.cursors[site] + 1 if target is None else target):
+                return True
+        return False
+
+    def wake(self) -> None:
+        """Make the current or next ``wait`` return at once (other work for the reader: a reload, remote audio)."""
+        with self._cond:
+            self._woken = True
             self._cond.notify_all()
 
-    def wait(self, timeout: float) -> bool:
-        """Block until some site has audio not yet read (True), or ``timeout`` seconds / stop (False)."""
+    def wait(self, timeout: float, targets: dict[str, int] | None = None) -> bool:
+        """Block until a site has audio up to its target index (``targets``, absolute 16 kHz indices; a site
+        without one: any unread audio), until ``wake``, or ``timeout`` seconds / stop. True when woken early."""
         with self._cond:
-            return self._cond.wait_for(
-                lambda: self._stop.is_set() or any(w.pending() for w in self._workers), timeout
-            ) and not self._stop.is_set()
+            self._targets = dict(targets or {})
+
+            def ready() -> bool:
+                return self._stop.is_set() or self._woken or any(self._reached(w) for w in self._workers)
+
+            woken = self._cond.wait_for(ready, timeout)
+            self._woken = False
+            self._targets = {}
+            return woken and not self._stop.is_set()
 
     def status(self) -> dict[str, InputStatus]:
         """Per input (by name): state, rate, channels, overruns, reopens, samples delivered, last error."""

@@ -176,6 +176,12 @@ class Detector:
         self.remove_stream(name)
         self.add_stream(name, stream.start_sample + stream.samples_in if start_sample is None else start_sample)
 
+    def samples_needed(self, name: str) -> int:
+        """Samples the stream must still receive before :meth:`step` can run its next model step (0: it can now)."""
+        stream = self._streams[name]
+        frames = stream.outputs + self.step_frames
+        return max(0, self.contract.features.samples_for(frames) - stream.samples_in)
+
     def rejected(self, name: str) -> int:
         return int(self._streams[name].decoder.rejected)
 

@@ -46,6 +46,17 @@ class FeatureConfig:
     def dim(self) -> int:
         return self.num_mel_bins * (self.lfr_left + 1 + self.lfr_right)
 
+    def samples_for(self, frames: int) -> int:
+        """Samples a stream must have received before it has produced ``frames`` model frames (unflushed).
+
+        Model frame k needs fbank frame ``stride * k + right``; fbank frame f needs samples up to
+        ``frame_length + f * frame_shift`` (Kaldi's snip_edges framing).
+        """
+        if frames <= 0:
+            return 0
+        last_fbank = self.lfr_stride * (frames - 1) + self.lfr_right
+        return self.frame_length + last_fbank * self.frame_shift
+
     def fbank_options(self) -> knf.FbankOptions:
         opts = knf.FbankOptions()
         opts.frame_opts.samp_freq = float(self.sample_rate)

@@ -506,6 +506,8 @@ class Publisher:
         self._announced = sites
 
     def _pump(self, conn: _Connection) -> None:
+        if self.outbox.newest_id <= conn.sent_upto:
+            return  # nothing queued since the last send: no database query on an idle connection
         room = self.settings.outbox.max_inflight - len(conn.inflight)
         if room <= 0:
             return

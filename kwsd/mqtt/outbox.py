@@ -54,8 +54,12 @@ class Outbox:
             )
         except sqlite3.DatabaseError as exc:
             raise OSError(f"outbox {self.path} cannot be opened: {exc}") from exc
-        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        row = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(id), 0) FROM outbox"
+        ).fetchone()
         self._depth, self._bytes = int(row[0]), int(row[1])
+        self.newest_id = int(row[2])
+        """Id of the newest message queued (0: none yet); a sender that has sent up to it has nothing to peek."""
         self.dropped = 0
         """Messages dropped because of the bound since this process opened the outbox."""
         if self._depth:
@@ -94,10 +98,11 @@ class Outbox:
                     topic,
                 )
                 return False
-            self._db.execute(
+            cur = self._db.execute(
                 "INSERT INTO outbox (topic, payload, qos, retain, kind, size) VALUES (?, ?, ?, ?, ?, ?)",
                 (topic, payload, qos, int(retain), kind, size),
             )
+            self.newest_id = max(self.newest_id, int(cur.lastrowid or 0))
             self._depth += 1
             self._bytes += size
         return True
