@@ -120,3 +120,30 @@ def test_settings_errors_name_the_key() -> None:
     with pytest.raises(ValueError, match="siteId 'x' is already used by inputs\\[0\\]"):
         AudioHub([InputSettings(device="a", name="x"), InputSettings(device="b", sites={0: "x"})],
         threading.Event())
+
+
+def test_wait_returns_when_a_site_reaches_its_target(tmp_path: Path) -> None:
+    """The reader sleeps until the audio it asked for is there, not per capture block; wake() cuts it short."""
+    wav = write_wav(tmp_path / "t.wav", np.zeros((16000 * 3, 1), np.int16), 16000)
+    stop = threading.Event()
+    hub = AudioHub([InputSettings(device=str(wav), block_ms=20)], stop)
+    site = hub.sites()[0]
+    hub.start()
+    try:
+        assert hub.wait(2.0), "no audio at all"
+        target = hub.end(site) + 8000  # half a second of real-time replay away
+        t0 = time.monotonic()
+        assert hub.wait(3.0, {site: target})
+        elapsed = time.monotonic() - t0
+        assert hub.end(site) >= target
+        assert elapsed > 0.4, f"woke after {elapsed:.3f} s, before the target could have been captured"
+        # A target already reached returns at once; a far one is cut short by wake().
+        t0 = time.monotonic()
+        assert hub.wait(3.0, {site: 0})
+        assert time.monotonic() - t0 < 0.2
+        threading.Timer(0.2, hub.wake).start()
+        t0 = time.monotonic()
+        assert hub.wait(3.0, {site: hub.end(site) + 10 * 16000})
+        assert 0.15 < time.monotonic() - t0 < 1.5
+    finally:
+        hub.stop()

@@ -107,6 +107,27 @@ def test_many_streams_in_one_batch_equal_streams_alone(session: ModelSession, po
         assert [st for *_, st in got[n]] == [st for *_, st in alone[n]], n
 
 
+def test_samples_needed_is_exactly_what_the_next_step_takes(session: ModelSession, audio_dir: Path) -> None:
+    """The daemon sleeps until a site has ``samples_needed`` more samples: one fewer must not run a model step,
+    that many must (so pacing the pipeline by it adds no latency)."""
+    audio = read_wav(audio_dir / "positive" / "kws_xiaoyunxiaoyun.wav")
+    det = Detector(session, DetectorSettings(step_frames=3))
+    det.add_stream("s")
+    pos = 0
+    for _ in range(12):
+        need = det.samples_needed("s")
+        assert need > 0
+        det.accept("s", audio[pos:pos + need - 1])
+        steps = det.timing.steps
+        det.step()
+        assert det.timing.steps == steps, "a step ran before its audio was complete"
+        assert det.samples_needed("s") == 1
+        det.accept("s", audio[pos + need - 1:pos + need])
+        det.step()
+        assert det.timing.steps == steps + 1
+        pos += need
+
+
 def test_refractory_period_counts_samples(session: ModelSession, audio_dir: Path) -> None:
     """The same keyword twice 1.2 s apart: two wakes with a 1 s refractory period, one with 3 s."""
     one = read_wav(audio_dir / "positive/kws_xiaoyunxiaoyun.wav")[16000:44000]  # 0.75 s .. 2.75 s
