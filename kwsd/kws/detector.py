@@ -176,8 +176,9 @@ class Detector:
         self.remove_stream(name)
         self.add_stream(name, stream.start_sample + stream.samples_in if start_sample is None else start_sample)
 
-    def rejected(self, name: str) -> int:
-        return int(self._streams[name].decoder.rejected)
+    def rejected(self, name: str) -> dict[str, int]:
+        """Rejected keyword candidates on a stream since it started (or was reset), per wake word id."""
+        return self._streams[name].decoder.rejected_by_keyword()
 
     # -- audio ----------------------------------------------------------------------------------------------
 
