@@ -89,8 +89,8 @@ class Metrics:
     def detection(self, site: str, keyword: str) -> None:
         self.detections.labels(site=site, keyword=keyword).inc()
 
-    def rejection(self, site: str, keyword: str) -> None:
-        self.rejected.labels(site=site, keyword=keyword).inc()
+    def rejection(self, site: str, keyword: str, count: int = 1) -> None:
+        self.rejected.labels(site=site, keyword=keyword).inc(count)
 
     def overrun(self, input_name: str, blocks: int = 1) -> None:
         self.overruns.labels(input=input_name).inc(blocks)

@@ -80,7 +80,7 @@ class Pipeline:
         self.suppressed = 0
         self.audio_seconds = 0.0
         self.busy_seconds = 0.0
-        self._rejected: dict[str, int] = {}
+        self._rejected: dict[tuple[str, str], int] = {}  # (site, wakeword id): the count last seen
         self._site_reopens: dict[str, int] = {}
         self._restart: set[str] = set()  # sites whose device was reopened: the next audio starts a new stream
 
@@ -219,12 +219,11 @@ class Pipeline:
 
     def _count_rejections(self) -> None:
         for site in self.sites:
-            n = self.detector.rejected(site)
-            old = self._rejected.get(site, 0)
-            if n > old:
-                for _ in range(n - old):
-                    self.daemon.metrics.rejection(site, "any")
-            self._rejected[site] = n
+            for wakeword_id, n in self.detector.rejected(site).items():
+                old = self._rejected.get((site, wakeword_id), 0)
+                if n > old:
+                    self.daemon.metrics.rejection(site, wakeword_id, n - old)
+                self._rejected[(site, wakeword_id)] = n
 
     def flush_segments(self) -> None:
         for seg in self.recorder.flush():

@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytest_plugins: list[str] = ["tests.fixtures_fetch", "tests.fixtures_broker", "tests.fixtures_pulse"]
+pytest_plugins: list[str] = ["tests.fixtures_fetch", "tests.fixtures_broker", "tests.fixtures_pulse",
+                             "tests.fixtures_systemd"]
 
 
 def _env_dir(name: str) -> Path:

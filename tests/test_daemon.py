@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,44 +17,14 @@ import yaml
 from kwsd.audio.wavfile import read_wav
 from tests.fixtures_broker import Broker, Subscriber, wait_until
 from tests.fixtures_pulse import PulseServer
+from tests.fixtures_systemd import NotifySocket
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-class NotifySocket:
-    """Receives sd_notify datagrams the way systemd does, with their arrival time."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            for line in data.decode().splitlines():
-                self.messages.append((time.monotonic(), line))
-
-    def lines(self, prefix: str, since: float = 0.0) -> list[str]:
-        return [m for t, m in list(self.messages) if m.startswith(prefix) and t >= since]
-
-    def close(self) -> None:
-        self._halt.set()
-        self._thread.join(2)
-        self.sock.close()
-
-
 class Daemon:
     def __init__(self, config: Path, notify: NotifySocket, log: Path) -> None:
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="2000000", PYTHONUNBUFFERED="1")
+        env = {**os.environ, **notify.env(WATCHDOG_USEC="2000000"), "PYTHONUNBUFFERED": "1"}
         self.log = log
         self._fh = open(log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "kwsd", "run", "--config", str(config)],
@@ -87,10 +54,9 @@ def _config(model_path: Path, broker: Broker, state: Path, **overrides: object) 
 
 
 @pytest.fixture
-def notify(tmp_path: Path) -> Iterator[NotifySocket]:
-    n = NotifySocket(tmp_path / "notify.sock")
-    yield n
-    n.close()
+def notify(notify_socket: NotifySocket) -> NotifySocket:
+    notify_socket.collect()  # the daemon runs a while: read every message as it comes, as systemd does
+    return notify_socket
 
 
 def _wait_for(predicate, timeout: float, what: str, daemon: Daemon) -> None:

@@ -284,7 +284,7 @@ def test_duration_limits_are_inclusive() -> None:
         decoder = KeywordDecoder([keyword(min_frames=lo, max_frames=hi), other])
         hits = run(decoder, matrix(rows))
         assert bool(hits) is fires, (lo, hi)
-        assert decoder.rejected == (0 if fires else 1), (lo, hi)
+        assert decoder.rejected_by_keyword() == {"xiaoyun": 0 if fires else 1, "nihao": 0}, (lo, hi)
         if fires:
             assert hits[0].end_frame - hits[0].start_frame + 1 == 13
     # With only this keyword, tokens older than its longest duration drop out: too long never matches.
@@ -348,6 +348,7 @@ def test_several_keywords_each_with_its_own_threshold() -> None:
         ("xiaoyun", round(geo((0.9, 0.8, 0.9, 0.8)), 6)),
     ]
     assert decoder.rejected == 2
+    assert decoder.rejected_by_keyword() == {"xiaoyun": 1, "nihao": 1}
     assert decoder.best_score("nihao") == pytest.approx(geo((0.4, 0.35)), rel=1e-9)
     with pytest.raises(KeywordError, match="'other'"):
         decoder.best_score("other")
@@ -370,7 +371,23 @@ def test_weak_keyword_between_halves_is_no_barrier() -> None:
     decoder = KeywordDecoder([keyword(), nihao])
     hits = run(decoder, matrix(rows))
     assert [(h.keyword.wakeword_id, h.start_frame, h.end_frame) for h in hits] == [("xiaoyun", 5, 25)]
+    assert decoder.rejected_by_keyword() == {"xiaoyun": 0, "nihao": 1}
     assert decoder.rejected == 1
+
+
+def test_rejections_are_counted_per_keyword_past_the_pending_limit() -> None:
+    """More distinct rejected candidates than are remembered for de-duplication: each stays with its keyword."""
+    nihao = keyword((NI, HAO), threshold=0.5, min_frames=2, wakeword_id="nihao")
+    apart = blanks(90)  # further apart than max_frames: no candidate pairs with a neighbour's tokens
+    rows = blanks(5) + say(XIAOYUN, (0.3,) * 4) + apart
+    for _ in range(300):
+        rows += say((NI, HAO), (0.2, 0.2)) + apart
+    decoder = KeywordDecoder([keyword(), nihao])
+    assert run(decoder, matrix(rows), chunk=4000) == []
+    assert decoder.rejected_by_keyword() == {"xiaoyun": 1, "nihao": 300}
+    assert decoder.rejected == 301
+    decoder.reset()
+    assert decoder.rejected_by_keyword() == {"xiaoyun": 0, "nihao": 0}
 
 
 # --- CTC details -----------------------------------------------------------------------------------------
@@ -484,7 +501,7 @@ def test_detections_do_not_depend_on_chunking() -> None:
     probs = _random_stream(seed=1, n_frames=3000)
     keywords = [keyword(threshold=0.55), keyword((NI, HAO), threshold=0.5, min_frames=2, wakeword_id="nihao")]
 
-    def decode(sizes: Iterator[int]) -> tuple[list[tuple[str, int, int, int, float]], int, int, float]:
+    def decode(sizes: Iterator[int]) -> tuple[list[tuple[str, int, int, int, float]], dict[str, int], int, float]:
         decoder = KeywordDecoder(keywords, refractory_frames=34)
         hits: list[Hit] = []
         start = 0
@@ -492,13 +509,15 @@ def test_detections_do_not_depend_on_chunking() -> None:
             hits += decoder.step(probs[start : start + size], start)
             start += size
         assert start == len(probs)
-        return summary(hits), decoder.rejected, decoder.suppressed, decoder.best_score()
+        rejected = decoder.rejected_by_keyword()
+        assert sum(rejected.values()) == decoder.rejected
+        return summary(hits), rejected, decoder.suppressed, decoder.best_score()
 
     whole = decode(iter([len(probs)]))
     hits, rejected, suppressed, _ = whole
     # The stream exercises what chunking could disturb: hits of both keywords, rejections, refractory.
     assert {h[0] for h in hits} == {"xiaoyun", "nihao"}
-    assert len(hits) >= 10 and rejected > 0 and suppressed > 0
+    assert len(hits) >= 10 and min(rejected.values()) > 0 and suppressed > 0
     for size in (1, 3, 7, 1000):
         assert decode(iter([size] * (len(probs) // size) + [len(probs) % size])) == whole, size
     assert decode(_splits(len(probs), seed=2)) == whole

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from kwsd.audio.wavfile import read_wav
+from kwsd.kws.cli import det_table
 from kwsd.kws.decoder import KeywordError
-from kwsd.kws.detector import Detection, Detector, detect_samples
+from kwsd.kws.detector import Detection, Detector, build_keywords, detect_samples, new_decoder
 from kwsd.kws.session import ModelSession
-from kwsd.settings import DetectorSettings, KeywordSettings
+from kwsd.settings import DetectorSettings, KeywordSettings, Settings
 
 # The one dev positive the model cannot hear: its last 云 is never emitted (p(云) <= 0.0011 around the keyword;
 # greedy decoding reads 小云响). No threshold can find it without accepting three-syllable partial matches.
@@ -134,6 +135,36 @@ def test_refractory_period_counts_samples(session: ModelSession, audio_dir: Path
     twice = np.concatenate([one, np.zeros(3200, np.float32), one])
     assert len(detect_samples(Detector(session, DetectorSettings(refractory=1.0)), "s", twice)) == 2
     assert len(detect_samples(Detector(session, DetectorSettings(refractory=3.0)), "s", twice)) == 1
+
+
+def test_decoder_from_settings(session: ModelSession) -> None:
+    """The config's search settings reach the decoder; a refractory period of whole frames stays whole."""
+    s = DetectorSettings(refractory=0.27, beam=7, top_k=5, token_floor=0.02)
+    keywords = build_keywords(s.keywords, session.contract.tokens, 0.03)
+    dec = new_decoder(keywords, s, 0.03)
+    assert (dec.beam, dec.top_k, dec.token_floor, dec.refractory_frames) == (7, 5, 0.02, 9)
+    assert dec.keywords == tuple(keywords)
+    assert new_decoder(keywords, DetectorSettings(refractory=1.0), 0.03).refractory_frames == 34
+    assert Detector(session, s).refractory_frames == 9
+
+
+def test_eval_decodes_like_the_detector(session: ModelSession, audio_dir: Path, tmp_path: Path) -> None:
+    """``kwsd eval`` counts what the detector finds: the same keyword twice 1.2 s apart is two false alarms with
+    a 1 s refractory period and one with 3 s."""
+    one = read_wav(audio_dir / "positive/kws_xiaoyunxiaoyun.wav")[16000:44000]
+    twice = np.concatenate([one, np.zeros(3200, np.float32), one])
+    path = tmp_path / "twice.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(twice.astype("<i2").tobytes())
+    threshold = DetectorSettings().keywords[0].threshold
+    for refractory, wakes in ((1.0, 2), (3.0, 1)):
+        s = DetectorSettings(refractory=refractory)
+        assert len(detect_samples(Detector(session, s), "s", twice)) == wakes
+        [row] = det_table(session, Settings(detector=s), [path], [path], [threshold])
+        assert (row.detected, row.false_alarms) == (1, wakes), refractory
 
 
 def test_unknown_keyword_character_is_named(session: ModelSession) -> None:

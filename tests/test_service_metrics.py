@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import socket
+import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kwsd import settings as settings_mod
+from kwsd.audio.hub import AudioHub
+from kwsd.audio.wavfile import read_wav
+from kwsd.kws.session import ModelSession
 from kwsd.metrics import Metrics
-from kwsd.settings import MetricsSettings
+from kwsd.settings import MetricsSettings, Settings
+from kwsd.supervisor import Daemon, Pipeline
+from kwsd.systemd import Notifier
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -121,3 +130,26 @@ def test_defaults_are_off_and_local() -> None:
     assert defaults.enabled is False
     assert defaults.address == "127.0.0.1"
     assert defaults.port == 9750
+
+
+def test_pipeline_counts_rejections_under_their_wakeword_id(model_path: Path, positives: list[Path]) -> None:
+    """The daemon's pipeline feeds ``rejected_candidates`` per keyword, labelled with the wake word id (not the
+    phrase, not a catch-all), each rejection counted once however many passes it takes."""
+    cfg = settings_mod.from_dict(Settings, {
+        "model": {"path": str(model_path), "providers": ["CPUExecutionProvider"]},
+        # Every 小云小云 in a recording is far shorter than 3 s: each candidate is rejected for its duration.
+        "detector": {"keywords": [{"phrase": "小云小云", "id": "hey-xiaoyun", "min_duration": 3.0, "max_duration": 4.0},
+                                  {"phrase": "你好", "id": "hello"}]},
+        "mqtt": {"enabled": False},
+    })
+    daemon = Daemon(None, cfg, Notifier({}))
+    session = ModelSession(cfg.model.path, cfg.model.providers, 1, cfg.model.max_batch)
+    pipeline = Pipeline(daemon, cfg, session)
+    hub = AudioHub((), threading.Event())
+    silence = np.zeros(16000, dtype=np.float32)
+    for path in positives[:2]:  # a pass per recording: each adds only what is new since the last
+        pipeline.satellite_frame("hall", np.concatenate([read_wav(path), silence]))
+        pipeline.run_once(hub)
+    counts = pipeline.detector.rejected("hall")
+    assert counts["hey-xiaoyun"] >= 2 and pipeline.detections == 0, counts
+    assert daemon.metrics.summary()["rejected"] == {"hall": {k: n for k, n in counts.items() if n}}

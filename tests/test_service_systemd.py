@@ -7,80 +7,40 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kwsd.systemd import Notifier, Watchdog
+from tests.fixtures_systemd import NotifySocket
 
 
-class NotifySocket:
-    """The receiving end of NOTIFY_SOCKET, as systemd binds it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(2.0)
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return {"NOTIFY_SOCKET": str(self.path), **extra}
-
-    def recv(self) -> dict[str, str]:
-        data = self.sock.recv(4096).decode("utf-8")
-        return dict(line.split("=", 1) for line in data.split("\n"))
-
-    def drain(self) -> list[dict[str, str]]:
-        """Every message already sent (non-blocking)."""
-        out = []
-        self.sock.setblocking(False)
-        try:
-            while True:
-                out.append(dict(line.split("=", 1) for line in self.sock.recv(4096).decode().split("\n")))
-        except BlockingIOError:
-            pass
-        finally:
-            self.sock.settimeout(2.0)
-        return out
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def systemd_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(tmp_path / "notify")
-    yield sock
-    sock.close()
-
-
-def test_notifier_sends_each_state(systemd_socket: NotifySocket) -> None:
-    notifier = Notifier(systemd_socket.env())
+def test_notifier_sends_each_state(notify_socket: NotifySocket) -> None:
+    notifier = Notifier(notify_socket.env())
     assert notifier.enabled
     assert notifier.watchdog_interval is None
 
     notifier.ready("listening for 小云小云 on 2 streams")
-    assert systemd_socket.recv() == {"READY": "1", "STATUS": "listening for 小云小云 on 2 streams"}
+    assert notify_socket.recv() == {"READY": "1", "STATUS": "listening for 小云小云 on 2 streams"}
     notifier.status("broker down\nretrying")  # a newline would start a bogus field
-    assert systemd_socket.recv() == {"STATUS": "broker down retrying"}
+    assert notify_socket.recv() == {"STATUS": "broker down retrying"}
     notifier.watchdog()
-    assert systemd_socket.recv() == {"WATCHDOG": "1"}
+    assert notify_socket.recv() == {"WATCHDOG": "1"}
 
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     notifier.reloading()
-    message = systemd_socket.recv()
+    message = notify_socket.recv()
     after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     assert message["RELOADING"] == "1"
     assert before <= int(message["MONOTONIC_USEC"]) <= after
 
     notifier.extend_timeout(20)
-    assert systemd_socket.recv() == {"EXTEND_TIMEOUT_USEC": "20000000"}
+    assert notify_socket.recv() == {"EXTEND_TIMEOUT_USEC": "20000000"}
     notifier.stopping()
-    assert systemd_socket.recv() == {"STOPPING": "1"}
+    assert notify_socket.recv() == {"STOPPING": "1"}
     notifier.close()
     notifier.ready()  # closed: a no-op, not an error
-    assert systemd_socket.drain() == []
+    assert notify_socket.drain() == []
 
 
 def test_abstract_socket_address(tmp_path: Path) -> None:
@@ -114,9 +74,9 @@ def test_unreachable_socket_is_logged_not_raised(tmp_path: Path, caplog: pytest.
     assert "NOTIFY_SOCKET=" in caplog.text and "missing" in caplog.text
 
 
-def test_send_failure_is_logged_once(systemd_socket: NotifySocket, caplog: pytest.LogCaptureFixture) -> None:
-    notifier = Notifier(systemd_socket.env())
-    systemd_socket.close()  # systemd went away
+def test_send_failure_is_logged_once(notify_socket: NotifySocket, caplog: pytest.LogCaptureFixture) -> None:
+    notifier = Notifier(notify_socket.env())
+    notify_socket.close()  # systemd went away
     notifier.ready()
     notifier.watchdog()
     warnings = [r.getMessage() for r in caplog.records if r.name == "kwsd.systemd"]
@@ -136,8 +96,8 @@ def test_send_failure_is_logged_once(systemd_socket: NotifySocket, caplog: pytes
         ({}, None),
     ],
 )
-def test_watchdog_usec(systemd_socket: NotifySocket, extra: dict[str, str], interval: float | None) -> None:
-    assert Notifier(systemd_socket.env(**extra)).watchdog_interval == interval
+def test_watchdog_usec(notify_socket: NotifySocket, extra: dict[str, str], interval: float | None) -> None:
+    assert Notifier(notify_socket.env(**extra)).watchdog_interval == interval
 
 
 def test_watchdog_usec_without_socket_means_no_watchdog() -> None:
@@ -153,10 +113,10 @@ class Clock:
 
 
 def test_watchdog_pings_only_while_every_heartbeat_advances(
-    systemd_socket: NotifySocket, caplog: pytest.LogCaptureFixture
+    notify_socket: NotifySocket, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="kwsd.systemd")
-    notifier = Notifier(systemd_socket.env(WATCHDOG_USEC="2000000"))  # ping every second
+    notifier = Notifier(notify_socket.env(WATCHDOG_USEC="2000000"))  # ping every second
     clock = Clock()
     dog = Watchdog(notifier, ("capture", "detector"), clock=clock)
     assert dog.interval == 1.0
@@ -166,7 +126,7 @@ def test_watchdog_pings_only_while_every_heartbeat_advances(
     assert not dog.poll()  # not due yet
     clock.now += 1.0
     assert dog.poll()
-    assert systemd_socket.recv() == {"WATCHDOG": "1"}
+    assert notify_socket.recv() == {"WATCHDOG": "1"}
 
     # The detector hangs; capture keeps going: no ping, and the log says which one is stuck, once.
     for _ in range(3):
@@ -174,13 +134,13 @@ def test_watchdog_pings_only_while_every_heartbeat_advances(
         dog.beat("capture")
         assert not dog.poll()
     assert dog.stuck() == ("detector",)
-    assert systemd_socket.drain() == []
+    assert notify_socket.drain() == []
     assert caplog.text.count("no progress from detector") == 1
 
     # It recovers: the next poll pings at once (a ping is overdue).
     dog.beat("detector")
     assert dog.poll()
-    assert systemd_socket.recv() == {"WATCHDOG": "1"}
+    assert notify_socket.recv() == {"WATCHDOG": "1"}
     assert "detector progressing again" in caplog.text
 
     # Both stall: both are named.
@@ -189,9 +149,9 @@ def test_watchdog_pings_only_while_every_heartbeat_advances(
     assert "no progress from capture, detector" in caplog.text
 
 
-def test_watchdog_with_real_threads(systemd_socket: NotifySocket) -> None:
+def test_watchdog_with_real_threads(notify_socket: NotifySocket) -> None:
     """Two pipeline threads beat; the detector stops half-way; pings stop with it."""
-    notifier = Notifier(systemd_socket.env(WATCHDOG_USEC="40000"))  # ping every 20 ms
+    notifier = Notifier(notify_socket.env(WATCHDOG_USEC="40000"))  # ping every 20 ms
     dog = Watchdog(notifier, ("capture", "detector"))
     stop = threading.Event()
     detector_alive = threading.Event()
@@ -214,12 +174,12 @@ def test_watchdog_with_real_threads(systemd_socket: NotifySocket) -> None:
         deadline = time.monotonic() + 0.3
         while time.monotonic() < deadline:
             pings_alive += dog.poll()
-            received += len(systemd_socket.drain())  # systemd reads as they come
+            received += len(notify_socket.drain())  # systemd reads as they come
             time.sleep(0.005)
         detector_alive.clear()
         time.sleep(0.03)  # let a beat already under way land
         dog.poll()
-        received += len(systemd_socket.drain())
+        received += len(notify_socket.drain())
         pings_stalled = 0
         deadline = time.monotonic() + 0.3
         while time.monotonic() < deadline:
@@ -231,14 +191,14 @@ def test_watchdog_with_real_threads(systemd_socket: NotifySocket) -> None:
             t.join(timeout=2)
     assert pings_alive >= 5
     assert pings_stalled == 0
-    assert systemd_socket.drain() == []
+    assert notify_socket.drain() == []
     assert received >= pings_alive
 
 
-def test_full_socket_queue_does_not_block(systemd_socket: NotifySocket, caplog: pytest.LogCaptureFixture) -> None:
+def test_full_socket_queue_does_not_block(notify_socket: NotifySocket, caplog: pytest.LogCaptureFixture) -> None:
     """A manager that does not read fills the datagram queue; sends then time out instead of hanging."""
     queue_length = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
-    notifier = Notifier(systemd_socket.env())
+    notifier = Notifier(notify_socket.env())
 
     def flood() -> None:
         for _ in range(queue_length + 2):
@@ -248,7 +208,7 @@ def test_full_socket_queue_does_not_block(systemd_socket: NotifySocket, caplog: 
     sender.start()
     sender.join(timeout=10)
     blocked = sender.is_alive()
-    received = systemd_socket.drain()  # also unblocks a hung sender
+    received = notify_socket.drain()  # also unblocks a hung sender
     sender.join(timeout=2)
     assert not blocked
     assert len(received) >= queue_length - 1

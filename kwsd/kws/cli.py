@@ -17,8 +17,8 @@ import numpy as np
 
 from kwsd import settings as settings_mod
 from kwsd.audio.wavfile import AudioFileError, read_wav
-from kwsd.kws.decoder import KeywordDecoder, KeywordError
-from kwsd.kws.detector import Detector, build_keywords, detect_samples
+from kwsd.kws.decoder import KeywordError
+from kwsd.kws.detector import Detector, build_keywords, detect_samples, new_decoder
 from kwsd.kws.session import ModelError, ModelSession
 from kwsd.settings import ConfigError, KeywordSettings, Settings
 
@@ -128,7 +128,6 @@ def det_table(session: ModelSession, s: Settings, positives: Sequence[Path], neg
     fs = session.contract.features
     frame_seconds = fs.model_frame_samples / fs.sample_rate
     det = s.detector
-    refractory = int(np.ceil(det.refractory / frame_seconds))
     pos = [posteriors(session, read_wav(p)) for p in positives]
     neg_audio = [read_wav(p) for p in negatives]
     neg = [posteriors(session, a) for a in neg_audio]
@@ -139,9 +138,7 @@ def det_table(session: ModelSession, s: Settings, positives: Sequence[Path], neg
                              frame_seconds)
 
         def hits(p: np.ndarray, kws: Any = kws) -> int:
-            dec = KeywordDecoder(kws, beam=det.beam, top_k=det.top_k, token_floor=det.token_floor,
-                                 refractory_frames=refractory)
-            return len(dec.step(p, 0))
+            return len(new_decoder(kws, det, frame_seconds).step(p, 0))
 
         detected = sum(1 for p in pos if hits(p) > 0)
         fa = sum(hits(p) for p in neg)

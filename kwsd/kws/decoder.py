@@ -252,7 +252,7 @@ class KeywordDecoder:
         self._reset_search()
         self._last_hit_end: int | None = None
         self._next_frame = 0
-        self._rejected = 0
+        self._rejected = [0] * len(self.keywords)  # per keyword, folded from the pending set
         self._suppressed = 0
         self._pending_rejects: set[tuple[int, int]] = set()
         self._pending_suppressed: set[tuple[int, int]] = set()
@@ -269,7 +269,17 @@ class KeywordDecoder:
     @property
     def rejected(self) -> int:
         """Candidates that matched a keyword but failed its threshold or duration limits (and never fired)."""
-        return self._rejected + len(self._pending_rejects)
+        return sum(self._rejected) + len(self._pending_rejects)
+
+    def rejected_by_keyword(self) -> dict[str, int]:
+        """:attr:`rejected` per wake word id, every keyword listed (keywords sharing an id are added up)."""
+        counts = list(self._rejected)
+        for k, _ in self._pending_rejects:
+            counts[k] += 1
+        out: dict[str, int] = {}
+        for kw, n in zip(self.keywords, counts, strict=True):
+            out[kw.wakeword_id] = out.get(kw.wakeword_id, 0) + n
+        return out
 
     @property
     def suppressed(self) -> int:
@@ -506,9 +516,8 @@ class KeywordDecoder:
         # A candidate that was rejected on its rising edge and fired once its peak grew is not a rejection.
         self._pending_rejects.discard(best_key)
         self._pending_suppressed.discard(best_key)
-        self._rejected += len(self._pending_rejects)
+        self._fold_rejects()
         self._suppressed += len(self._pending_suppressed)
-        self._pending_rejects.clear()
         self._pending_suppressed.clear()
         self._last_hit_end = best.end_frame
         self._reset_search()
@@ -520,7 +529,13 @@ class KeywordDecoder:
         pending.add(key)
         if len(pending) > _MAX_PENDING:
             if rejected:
-                self._rejected += len(pending)
+                self._fold_rejects()
             else:
                 self._suppressed += len(pending)
-            pending.clear()
+                pending.clear()
+
+    def _fold_rejects(self) -> None:
+        """Move the pending rejected candidates, keyed ``(keyword index, start frame)``, into the counts."""
+        for k, _ in self._pending_rejects:
+            self._rejected[k] += 1
+        self._pending_rejects.clear()

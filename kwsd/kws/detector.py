@@ -103,6 +103,18 @@ def build_keywords(settings: Iterable[KeywordSettings], tokens: Sequence[str], f
     return out
 
 
+def new_decoder(keywords: Sequence[Keyword], settings: DetectorSettings, frame_seconds: float) -> KeywordDecoder:
+    """A keyword decoder with the search settings and refractory period of ``settings``.
+
+    The one place the config becomes decoder arguments, so the detector's streams and ``kwsd eval`` decode alike.
+    ``frame_seconds``: length of a model frame.
+    """
+    # Rounded first, so a period that is a whole number of frames is not pushed one frame up by float error.
+    refractory = math.ceil(round(settings.refractory / frame_seconds, 9))
+    return KeywordDecoder(keywords, beam=settings.beam, top_k=settings.top_k, token_floor=settings.token_floor,
+                          refractory_frames=refractory)
+
+
 class Detector:
     def __init__(self, session: ModelSession, settings: DetectorSettings, *, scan: bool = True,
                  threads: int | None = None) -> None:
@@ -116,8 +128,8 @@ class Detector:
         self.contract = c
         self.frame_samples = c.features.model_frame_samples
         self.sample_rate = c.features.sample_rate
-        self.keywords = build_keywords(settings.keywords, c.tokens, self.frame_samples / self.sample_rate)
-        self.refractory_frames = math.ceil(settings.refractory * self.sample_rate / self.frame_samples)
+        self.frame_seconds = self.frame_samples / self.sample_rate
+        self.keywords = build_keywords(settings.keywords, c.tokens, self.frame_seconds)
         self.step_frames = max(1, settings.step_frames)
         self._streams: dict[str, _Stream] = {}
         self._cache = session.new_cache(0)
@@ -128,6 +140,7 @@ class Detector:
         self._raw: dict[str, _Stream] = {}  # streams with audio waiting for feature extraction
         self._pool: ThreadPoolExecutor | None = None
         self._scanner = self._new_decoder()  # judges the whole batch's posteriors for the per-stream decoders
+        self.refractory_frames = self._scanner.refractory_frames
 
     def close(self) -> None:
         """Stop the feature threads (the detector stays usable, single-threaded)."""
@@ -161,9 +174,7 @@ class Detector:
         )
 
     def _new_decoder(self) -> KeywordDecoder:
-        s = self.settings
-        return KeywordDecoder(self.keywords, beam=s.beam, top_k=s.top_k, token_floor=s.token_floor,
-                              refractory_frames=self.refractory_frames)
+        return new_decoder(self.keywords, self.settings, self.frame_seconds)
 
     def remove_stream(self, name: str) -> None:
         stream = self._streams.pop(name)
@@ -182,8 +193,9 @@ class Detector:
         frames = stream.outputs + self.step_frames
         return max(0, self.contract.features.samples_for(frames) - stream.samples_in)
 
-    def rejected(self, name: str) -> int:
-        return int(self._streams[name].decoder.rejected)
+    def rejected(self, name: str) -> dict[str, int]:
+        """Rejected keyword candidates on a stream since it started (or was reset), per wake word id."""
+        return self._streams[name].decoder.rejected_by_keyword()
 
     # -- audio ----------------------------------------------------------------------------------------------
 
