@@ -211,7 +211,7 @@ class Pipeline:
             latency=round((now_sample - hit.end_sample) * 1000 / SAMPLE_RATE, 1),
         )
         self.detections += 1
-        self.daemon.metrics.detection(hit.stream, hit.keyword)
+        self.daemon.metrics.detection(hit.stream, hit.wakeword_id)
         log.info("wake: site %s heard %s (score %.3f >= %.3f) at %.2f-%.2f s, %.1f dBFS, %.0f ms after it ended",
                  hit.stream, hit.keyword, hit.score, hit.threshold, hit.start, hit.end, event.energy, event.latency)
         self.daemon.publish_wake(event)
@@ -230,6 +230,11 @@ class Pipeline:
             self.daemon.publish_segment(seg)
 
 
+def _heartbeats(s: Settings) -> tuple[str, ...]:
+    """Stages the watchdog requires progress from: capture only when there are local inputs."""
+    return ("capture", "pipeline") if s.inputs else ("pipeline",)
+
+
 class Daemon:
     """``kwsd run``: build the parts from the config, run until TERM/INT, reload on HUP."""
 
@@ -239,7 +244,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.stop_event = threading.Event()
         self.metrics = Metrics()
-        self.watchdog = Watchdog(self.notifier, ("capture", "pipeline") if settings.inputs else ("pipeline",))
+        self.watchdog = Watchdog(self.notifier, _heartbeats(settings))
         self._reload_requested = threading.Event()
         self._wakeup = threading.Event()
         self._pipeline_lock = threading.Lock()
@@ -349,6 +354,7 @@ class Daemon:
                 self.publisher.on_audio = pipeline.satellite_frame
         if new.inputs != old.inputs:
             self.hub.update(new.inputs)
+            self.watchdog.watch(_heartbeats(new))
         self.pipeline.sync_local_sites(self.hub)
         if new.mqtt != old.mqtt or new.service.state_dir != old.service.state_dir:
             old_pub, self.publisher = self.publisher, self._make_publisher(new, self.hub.sites())

@@ -167,6 +167,7 @@ class Watchdog:
         self.interval = interval if interval is not None else notifier.watchdog_interval
         """Seconds between pings; None disables pinging (no watchdog configured)."""
         self._clock = clock
+        self._watched = tuple(names)
         self._counts = dict.fromkeys(names, 0)
         self._seen = dict.fromkeys(names, 0)
         self._last_ping = clock()
@@ -174,16 +175,28 @@ class Watchdog:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(self._counts)
+        """The heartbeats that must advance for a ping."""
+        return self._watched
+
+    def watch(self, names: Sequence[str]) -> None:
+        """Change which heartbeats must advance (a reload added or removed every local input). A newly watched
+        one gets one ping interval of grace to start beating."""
+        if not names:
+            raise ValueError("Watchdog needs at least one heartbeat name")
+        for name in names:
+            if name not in self._watched:
+                self._seen[name] = self._counts.get(name, 0) - 1
+        self._watched = tuple(names)
 
     def beat(self, name: str) -> None:
         """Record progress of stage ``name``; cheap enough for every audio block."""
         # Each name is beaten by one thread only; the main thread only reads, so no lock is needed.
-        self._counts[name] += 1
+        self._counts[name] = self._counts.get(name, 0) + 1
 
     def stuck(self) -> tuple[str, ...]:
-        """Heartbeats that have not advanced since the last ping."""
-        return tuple(name for name, count in self._counts.items() if count == self._seen[name])
+        """Watched heartbeats that have not advanced since the last ping."""
+        counts, seen = self._counts, self._seen
+        return tuple(name for name in self._watched if counts.get(name, 0) == seen.get(name, 0))
 
     def poll(self) -> bool:
         """Ping systemd if a ping is due and every heartbeat advanced; return whether it pinged."""

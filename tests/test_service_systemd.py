@@ -218,3 +218,29 @@ def test_full_socket_queue_does_not_block(notify_socket: NotifySocket, caplog: p
 def test_watchdog_needs_names() -> None:
     with pytest.raises(ValueError, match="heartbeat"):
         Watchdog(Notifier({}), ())
+
+
+def test_watchdog_follows_a_reload_that_adds_or_removes_capture(notify_socket: NotifySocket) -> None:
+    """A reload to satellites only must not leave a capture heartbeat nobody beats (systemd would kill the
+    daemon); one that adds the first input gets one interval of grace, then capture must beat."""
+    notifier = Notifier(notify_socket.env(WATCHDOG_USEC="2000000"))
+    clock = Clock()
+    dog = Watchdog(notifier, ("capture", "pipeline"), clock=clock)
+    dog.watch(("pipeline",))  # every local input removed
+    clock.now += 1.0
+    dog.beat("pipeline")
+    assert dog.stuck() == ()
+    assert dog.poll()
+    dog.watch(("capture", "pipeline"))  # an input added: capture has one interval to start
+    clock.now += 1.0
+    dog.beat("pipeline")
+    assert dog.poll()
+    clock.now += 1.0
+    dog.beat("pipeline")
+    assert dog.stuck() == ("capture",)
+    assert not dog.poll()
+    dog.beat("capture")
+    assert dog.poll()
+    assert [m for m in notify_socket.drain() if m == {"WATCHDOG": "1"}] == [{"WATCHDOG": "1"}] * 3
+    with pytest.raises(ValueError):
+        dog.watch(())
