@@ -1,12 +1,10 @@
 #!/usr/bin/env python3
 """Added latency and CPU of the capture path: device block -> ring -> (de-interleave, resample) -> hub.read.
 
-The device is a 48 kHz card replayed from memory at real-time pace in 20 ms blocks (the same feeder a live
-PortAudio callback is replaced by: one copy into the ring per block). Latency is measured per read: the time
-from the
-block that completed the returned audio being written to the ring until ``hub.read`` returned it. CPU is the
-process
-CPU time over the run, as a share of one core.
+The device is a 48 kHz card replayed from memory at real-time pace in 20 ms blocks (the same feeder a live PortAudio
+callback is replaced by: one copy into the ring per block). Latency is measured per read: the time from the block
+that completed the returned audio being written to the ring until ``hub.read`` returned it. CPU is the process CPU
+time over the run, as a share of one core.
 
     PYTHONPATH=. python scripts/bench_capture.py [--seconds 10] [--rate 48000]
 """

@@ -1,11 +1,9 @@
 """A real PulseAudio server for the session, with pipe sources that tests feed at real-time pace.
 
-Usage: ``src = pulse_server.pipe_source("room", rate=48000, channels=2)``; ``feeder = src.play(samples)``
-writes
-the int16 frames at real-time pace from a thread (then silence, so the source keeps delivering, until
-``feeder.stop()``); ``src.play_wav(path)`` does the same with a WAV file; ``pulse_server.unload(src)``
-unplugs it and
-``src.reload()`` plugs it back. Everything is stopped at the end of the session.
+Usage: ``src = pulse_server.pipe_source("room", rate=48000, channels=2)``; ``feeder = src.play(samples)`` writes the
+int16 frames at real-time pace from a thread (then silence, so the source keeps delivering, until
+``feeder.stop()``); ``src.play_wav(path)`` does the same with a WAV file; ``pulse_server.unload(src)`` unplugs it
+and ``src.reload()`` plugs it back. Everything is stopped at the end of the session.
 """
 
 from __future__ import annotations

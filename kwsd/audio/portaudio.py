@@ -1,16 +1,12 @@
 """PortAudio (sounddevice) with named devices.
 
 Debian's PortAudio only has the ALSA host API and only enumerates devices at start-up, so neither a PulseAudio
-source nor an ALSA name such as ``hw:CARD=USB,DEV=0`` can be opened directly. kwsd therefore adds an ALSA
-config
-file of its own (via ``ALSA_CONFIG_PATH``, after the system's ``alsa.conf``) that defines a fixed number of
-slots
-``kwsd_slot_N``. PortAudio enumerates them once; an input that needs a device rewrites its slot
-(``type pulse; device "<source>"`` or ``type empty; slave.pcm "<alsa name>"``) and opens it. alsa-lib
-re-reads a
-changed config file on every ``snd_pcm_open``, so any number of named sources can be opened, and later ones
-added,
-in one process without re-initialising PortAudio (which would close every running stream).
+source nor an ALSA name such as ``hw:CARD=USB,DEV=0`` can be opened directly. kwsd therefore adds an ALSA config
+file of its own (via ``ALSA_CONFIG_PATH``, after the system's ``alsa.conf``) that defines a fixed number of slots
+``kwsd_slot_N``. PortAudio enumerates them once; an input that needs a device rewrites its slot (``type pulse;
+device "<source>"`` or ``type empty; slave.pcm "<alsa name>"``) and opens it. alsa-lib re-reads a changed config
+file on every ``snd_pcm_open``, so any number of named sources can be opened, and later ones added, in one process
+without re-initialising PortAudio (which would close every running stream).
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 
 The filter is the one ``scipy.signal.resample_poly`` designs (Kaiser-windowed sinc, ``half_len = 10 * max(up,
 down)``) and the output samples sit at the same instants, so resampling a stream block by block gives the same
-samples as resampling it in one call: nothing is padded or trimmed at block boundaries (no clicks). The price
-is a
-look-ahead of ``half_len / up`` input samples (0.6 ms for 48 kHz, 0.6 ms for 44.1 kHz), released by
-``flush()``.
+samples as resampling it in one call: nothing is padded or trimmed at block boundaries (no clicks). The price is a
+look-ahead of ``half_len / up`` input samples (0.6 ms for 48 kHz, 0.6 ms for 44.1 kHz), released by ``flush()``.
 """
 
 from __future__ import annotations

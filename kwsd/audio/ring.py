@@ -1,10 +1,8 @@
 """A preallocated, bounded ring of audio frames addressed by absolute sample index.
 
-One writer (the capture callback) and any number of readers. The writer never blocks and never allocates: it
-copies
+One writer (the capture callback) and any number of readers. The writer never blocks and never allocates: it copies
 the block in and advances ``end``. Readers ask for data from an absolute index; if the writer has already
-overwritten
-it, they get what is still there, ``actual_start`` tells them where it begins, and the loss is counted.
+overwritten it, they get what is still there, ``actual_start`` tells them where it begins, and the loss is counted.
 """
 
 from __future__ import annotations
