@@ -53,9 +53,6 @@ def _blockwise(session: ModelSession, samples: np.ndarray, block: int | None) ->
     return detect_samples(Detector(session, DetectorSettings()), "s", samples, block)
 
 
-@pytest.mark.parametrize("name", ["20200707_spk57db_storenoise52db_40cm_xiaoyun_sox_15.wav",
-                                  "20200707_spk57db_storenoise52db_40cm_xiaoyun_sox_23.wav",
-                                  "kws_xiaoyunxiaoyun.wav"])
 def _highest_firing_threshold(probs: np.ndarray, session: ModelSession, floor: float, top_k: int) -> float:
     """The highest threshold at which the keyword still fires on these posteriors (0: no path at all)."""
     from kwsd.kws.decoder import KeywordDecoder
@@ -100,6 +97,9 @@ def test_the_unheard_positive_scores_below_a_half_said_keyword(session: ModelSes
     assert 0.0 < unheard < half_said, (unheard, half_said)
 
 
+@pytest.mark.parametrize("name", ["20200707_spk57db_storenoise52db_40cm_xiaoyun_sox_15.wav",
+                                  "20200707_spk57db_storenoise52db_40cm_xiaoyun_sox_23.wav",
+                                  "kws_xiaoyunxiaoyun.wav"])
 def test_detections_do_not_depend_on_block_size(session: ModelSession, audio_dir: Path, name: str) -> None:
     samples = read_wav(audio_dir / "positive" / name)
     whole = _blockwise(session, samples, None)
