@@ -100,6 +100,8 @@ class Pipeline:
     def _drop(self, site: str) -> None:
         self.sites.pop(site, None)
         self.detector.remove_stream(site)
+        for key in [k for k in self._rejected if k[0] == site]:
+            del self._rejected[key]
         for seg in self.recorder.flush(site):
             self.daemon.publish_segment(seg)
         log.info("site %s: removed", site)
@@ -221,8 +223,11 @@ class Pipeline:
         for site in self.sites:
             for wakeword_id, n in self.detector.rejected(site).items():
                 old = self._rejected.get((site, wakeword_id), 0)
-                if n > old:
-                    self.daemon.metrics.rejection(site, wakeword_id, n - old)
+                # A count below the last one seen means the stream was restarted (device reopened, audio lost):
+                # its decoder counts from zero again.
+                new = n - old if n >= old else n
+                if new:
+                    self.daemon.metrics.rejection(site, wakeword_id, new)
                 self._rejected[(site, wakeword_id)] = n
 
     def flush_segments(self) -> None:

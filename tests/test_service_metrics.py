@@ -153,3 +153,12 @@ def test_pipeline_counts_rejections_under_their_wakeword_id(model_path: Path, po
     counts = pipeline.detector.rejected("hall")
     assert counts["hey-xiaoyun"] >= 2 and pipeline.detections == 0, counts
     assert daemon.metrics.summary()["rejected"] == {"hall": {k: n for k, n in counts.items() if n}}
+    # The stream restarts (its device was reopened): its decoder counts from zero again, and the metric goes on
+    # adding the new rejections instead of waiting until they pass the old total.
+    before = counts["hey-xiaoyun"]
+    pipeline.detector.reset_stream("hall")
+    pipeline.satellite_frame("hall", np.concatenate([read_wav(positives[0]), silence]))
+    pipeline.run_once(hub)
+    again = pipeline.detector.rejected("hall")["hey-xiaoyun"]
+    assert 0 < again < before + 1
+    assert daemon.metrics.summary()["rejected"]["hall"]["hey-xiaoyun"] == before + again
