@@ -12,13 +12,20 @@ from kwsd import settings
 DEFAULT_CONFIG = Path("/etc/kwsd/config.yaml")
 
 
+def _load(path: Path, prefix: str = "") -> settings.Settings | None:
+    """The config at ``path``, or None after printing the problem (naming the key) to stderr."""
+    try:
+        return settings.load(path)
+    except settings.ConfigError as exc:
+        print(f"{prefix}{path}: {exc}", file=sys.stderr)
+        return None
+
+
 def check_config(args: argparse.Namespace) -> int:
     """Load and validate a config file; print OK or the problem (naming the key); return the exit status."""
     path = Path(args.config)
-    try:
-        loaded = settings.load(path)
-    except settings.ConfigError as exc:
-        print(f"{path}: {exc}", file=sys.stderr)
+    loaded = _load(path)
+    if loaded is None:
         return 1
     if not args.quiet:
         print(f"{path}: OK ({len(loaded.inputs)} inputs, {len(loaded.detector.keywords)} keywords)")
@@ -43,10 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from kwsd.supervisor import Daemon
 
     path = Path(args.config)
-    try:
-        loaded = settings.load(path)
-    except settings.ConfigError as exc:
-        print(f"kwsd run: {path}: {exc}", file=sys.stderr)
+    loaded = _load(path, "kwsd run: ")
+    if loaded is None:
         return 1
     setup_logging("debug" if args.verbose else loaded.service.log_level)
     return Daemon(path, loaded).serve()

@@ -251,7 +251,6 @@ class Daemon:
         self.metrics = Metrics()
         self.watchdog = Watchdog(self.notifier, _heartbeats(settings))
         self._reload_requested = threading.Event()
-        self._wakeup = threading.Event()
         self._pipeline_lock = threading.Lock()
         self.session: ModelSession | None = None
         self.hub: AudioHub | None = None
@@ -313,7 +312,7 @@ class Daemon:
     # -- pipeline thread ------------------------------------------------------------------------------------
 
     def wake_pipeline(self) -> None:
-        self._wakeup.set()
+        """Make the pipeline thread run a pass now (remote audio queued, a reload pending, stopping)."""
         if self.hub is not None:
             self.hub.wake()
 
@@ -325,10 +324,8 @@ class Daemon:
             if pending is not None:
                 self._apply(pending)
             hub, pipeline = self.hub, self.pipeline
-            if not self._wakeup.is_set():
-                # Sleep until some site can complete a detector step (about every 90 ms), not per capture block.
-                hub.wait(0.25, pipeline.targets())
-            self._wakeup.clear()
+            # Sleep until some site can complete a detector step (about every 90 ms), not per capture block.
+            hub.wait(0.25, pipeline.targets())
             try:
                 pipeline.run_once(hub)
             except Exception:  # a bug must not silently kill detection: log it; the watchdog sees no progress

@@ -24,7 +24,6 @@ import argparse
 import os
 import random
 import sys
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from kwsd.audio.wavfile import read_wav
 from kwsd.kws.cli import posteriors
 from kwsd.kws.decoder import BLANK_ID, SAMPLES_PER_FRAME, tokenize
 from kwsd.kws.session import ModelSession
+from kwsd.mqtt.messages import to_wav
 
 RATE = 16000
 KEYWORD = "小云小云"
@@ -65,15 +65,6 @@ def quietest_cut(samples: np.ndarray, start: int, end: int) -> int:
     n = max(1, (end - start) // WINDOW)
     energy = [float(np.mean(samples[start + i * WINDOW:start + (i + 1) * WINDOW] ** 2)) for i in range(n)]
     return start + int(np.argmin(energy)) * WINDOW + WINDOW // 2
-
-
-def write_wav(path: Path, samples: np.ndarray) -> None:
-    pcm = np.clip(np.round(samples), -32768, 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(pcm.tobytes())
 
 
 def main() -> int:
@@ -119,7 +110,7 @@ def main() -> int:
         for stem in rng.sample(sorted(neg_audio), min(args.per_positive, len(neg_audio))):
             clips[stem[-8:]] = np.concatenate([head, background, neg_audio[stem]])
         for suffix, clip in clips.items():
-            write_wav(args.out / f"{pos.stem}+{suffix}.wav", clip)
+            (args.out / f"{pos.stem}+{suffix}.wav").write_bytes(to_wav(clip, RATE))
             written += 1
             seconds += clip.shape[0] / RATE
     print(f"wrote {written} clips ({seconds / 60:.1f} min) to {args.out}; {skipped} positives skipped")

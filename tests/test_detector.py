@@ -13,7 +13,7 @@ import pytest
 
 from kwsd.audio.wavfile import read_wav
 from kwsd.kws.cli import det_table
-from kwsd.kws.decoder import KeywordError
+from kwsd.kws.decoder import SAMPLES_PER_FRAME, KeywordError, tokenize
 from kwsd.kws.detector import Detection, Detector, build_keywords, detect_samples, new_decoder
 from kwsd.kws.session import ModelSession
 from kwsd.settings import DetectorSettings, KeywordSettings, Settings
@@ -55,12 +55,13 @@ def _blockwise(session: ModelSession, samples: np.ndarray, block: int | None) ->
 
 def _highest_firing_threshold(probs: np.ndarray, session: ModelSession, floor: float, top_k: int) -> float:
     """The highest threshold at which the keyword still fires on these posteriors (0: no path at all)."""
-    from kwsd.kws.decoder import KeywordDecoder
-    from kwsd.kws.detector import build_keywords
+    from kwsd.kws.detector import build_keywords, new_decoder
+
+    search = DetectorSettings(top_k=top_k, token_floor=floor)
 
     def fires(threshold: float) -> bool:
         kws = build_keywords([KeywordSettings(threshold=threshold)], session.contract.tokens, 0.03)
-        return bool(KeywordDecoder(kws, top_k=top_k, token_floor=floor, refractory_frames=34).step(probs, 0))
+        return bool(new_decoder(kws, search, 0.03).step(probs, 0))
 
     lo, hi = 0.0, 1.0
     if not fires(1e-6):
@@ -88,9 +89,10 @@ def test_the_unheard_positive_scores_below_a_half_said_keyword(session: ModelSes
     unheard = _highest_firing_threshold(posteriors(session, read_wav(audio_dir / "positive" / UNHEARD)),
                                         session, 0.001, 50)
     src = read_wav(audio_dir / "positive" / "20200707_spk57db_storenoise52db_40cm_xiaoyun_sox_39.wav")
-    frames = hard.keyword_frames(hard.greedy(posteriors(session, src)), (1462, 976, 1462, 976))
+    ids = tokenize("小云小云", session.contract.tokens)
+    frames = hard.keyword_frames(hard.greedy(posteriors(session, src)), ids)
     assert frames is not None
-    cut = hard.quietest_cut(src, frames[1] * 480, frames[2] * 480)
+    cut = hard.quietest_cut(src, frames[1] * SAMPLES_PER_FRAME, frames[2] * SAMPLES_PER_FRAME)
     other = read_wav(audio_dir / "negative" / "fd59df10517f4a92ab9b1d31cd94c0b9_a486c2e324934eaab7595e30bc1b9f29.wav")
     clip = np.concatenate([src[:cut], src[:1600], other])
     half_said = _highest_firing_threshold(posteriors(session, clip), session, 0.001, 50)

@@ -28,7 +28,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from kwsd import __version__
 from kwsd.model.manifest import Manifest, ManifestFile, load_manifest
@@ -75,34 +75,15 @@ def file_url(base: str, repository: str, revision: str, path: str) -> str:
     )
 
 
-def fetch_model(
-    dest: Path,
-    source: str | None = None,
-    *,
-    include_checkpoints: bool = False,
-    progress: bool | None = None,
-    retries: int = 5,
-    timeout: float = 30.0,
-    backoff: float = 1.0,
-    manifest: Manifest | None = None,
-) -> dict[str, Path]:
+def fetch_model(dest: Path, source: str | None = None, **options: Any) -> dict[str, Path]:
     """Make ``dest`` hold every manifest file, verified; return upstream path -> local path.
 
-    ``include_checkpoints`` also fetches the optional PyTorch checkpoints. ``progress`` shows a progress bar
-    on stderr (None: only when stderr is a terminal). ``retries`` failed attempts per file are retried after
-    ``backoff`` · 2^n seconds; ``timeout`` bounds every connect and read. Raises FetchError.
+    ``options`` are those of :func:`fetch_files`: ``include_checkpoints`` also fetches the optional PyTorch
+    checkpoints; ``progress`` shows a progress bar on stderr (None: only when stderr is a terminal); ``retries``
+    failed attempts per file are retried after ``backoff`` · 2^n seconds; ``timeout`` bounds every connect and
+    read. Raises FetchError.
     """
-    results = fetch_files(
-        dest,
-        source,
-        include_checkpoints=include_checkpoints,
-        progress=progress,
-        retries=retries,
-        timeout=timeout,
-        backoff=backoff,
-        manifest=manifest,
-    )
-    return {r.path: r.local for r in results}
+    return {r.path: r.local for r in fetch_files(dest, source, **options)}
 
 
 def fetch_files(
