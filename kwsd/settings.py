@@ -56,6 +56,8 @@ class KeywordSettings:
     """Shortest plausible keyword, seconds."""
     max_duration: float = 2.5
     """Longest plausible keyword, seconds."""
+    max_gap: float = 0.0
+    """Longest plausible pause between two consecutive syllables, seconds; 0: no limit."""
 
     @property
     def wakeword_id(self) -> str:
