@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from kwsd.audio.wavfile import read_wav
-from kwsd.kws.cli import det_table
 from kwsd.kws.decoder import SAMPLES_PER_FRAME, KeywordError, tokenize
 from kwsd.kws.detector import Detection, Detector, build_keywords, detect_samples, new_decoder
+from kwsd.kws.evaluation import Positives, evaluate
 from kwsd.kws.session import ModelSession
-from kwsd.settings import DetectorSettings, KeywordSettings, Settings
+from kwsd.settings import DetectorSettings, KeywordSettings
 
 # The one dev positive the model cannot hear: its last 云 is never emitted (p(云) <= 0.0011 around the keyword;
 # greedy decoding reads 小云响). No threshold can find it without accepting three-syllable partial matches.
@@ -225,23 +225,46 @@ def test_decoder_from_settings(session: ModelSession) -> None:
     assert Detector(session, s).refractory_frames == 9
 
 
-def test_eval_decodes_like_the_detector(session: ModelSession, audio_dir: Path, tmp_path: Path) -> None:
-    """``kwsd eval`` counts what the detector finds: the same keyword twice 1.2 s apart is two false alarms with
-    a 1 s refractory period and one with 3 s."""
-    one = read_wav(audio_dir / "positive/kws_xiaoyunxiaoyun.wav")[16000:44000]
-    twice = np.concatenate([one, np.zeros(3200, np.float32), one])
-    path = tmp_path / "twice.wav"
+def _write_wav(path: Path, samples: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(16000)
-        w.writeframes(twice.astype("<i2").tobytes())
+        w.writeframes(np.rint(samples).astype("<i2").tobytes())
+    return path
+
+
+def test_eval_decodes_like_the_detector(session: ModelSession, audio_dir: Path, tmp_path: Path) -> None:
+    """``kwsd eval`` counts what the detector finds: the same keyword twice 1.2 s apart is two false alarms with
+    a 1 s refractory period and one with 3 s, at every offset."""
+    one = read_wav(audio_dir / "positive/kws_xiaoyunxiaoyun.wav")[16000:44000]
+    twice = np.concatenate([one, np.zeros(3200, np.float32), one])
+    _write_wav(tmp_path / "twice" / "twice.wav", twice)
     threshold = DetectorSettings().keywords[0].threshold
     for refractory, wakes in ((1.0, 2), (3.0, 1)):
         s = DetectorSettings(refractory=refractory)
-        assert len(detect_samples(Detector(session, s), "s", twice)) == wakes
-        [row] = det_table(session, Settings(detector=s), [path], [path], [threshold])
+        hits = detect_samples(Detector(session, s), "s", twice)
+        assert len(hits) == wakes
+        result = evaluate(session, s, [Positives(tmp_path / "twice")], [tmp_path / "twice"], [threshold],
+                          progress=False)
+        [report] = result.keywords
+        [row] = report.rows
         assert (row.detected, row.false_alarms) == (1, wakes), refractory
+        assert row.recall_by_shift == [1.0, 1.0, 1.0]
+        assert [(fa["start"], fa["score"]) for fa in report.false_alarms] == [
+            (round(h.start, 3), round(h.score, 4)) for h in hits]
+
+
+def test_several_keywords_each_fire_on_the_model_card_example(session: ModelSession, audio_dir: Path) -> None:
+    """你好小云 and 小云小云 configured together on "你好我是小云小云": each fires (neither masks the other)."""
+    samples = read_wav(audio_dir / "positive/kws_xiaoyunxiaoyun.wav")
+    s = DetectorSettings(keywords=(KeywordSettings(phrase="小云小云"), KeywordSettings(phrase="你好小云")))
+    hits = detect_samples(Detector(session, s), "s", samples)
+    assert sorted(h.keyword for h in hits) == ["你好小云", "小云小云"], hits
+    alone = detect_samples(Detector(session, DetectorSettings()), "s", samples)
+    [xiaoyun] = [h for h in hits if h.keyword == "小云小云"]
+    assert (xiaoyun.score, xiaoyun.start_sample) == (alone[0].score, alone[0].start_sample)
 
 
 def test_unknown_keyword_character_is_named(session: ModelSession) -> None:
@@ -289,13 +312,34 @@ def test_detect_command(model_path: Path, audio_dir: Path, tmp_path: Path) -> No
 
 
 def test_eval_command(model_path: Path, audio_dir: Path, tmp_path: Path) -> None:
+    """The real entry point: one table per keyword, every offset, the misses explained, an unreadable negative
+    reported and skipped with exit status 1, and the DET plot written."""
     png = tmp_path / "det.png"
+    neg = tmp_path / "neg"
+    neg.mkdir()
+    for p in sorted((audio_dir / "negative").glob("*.wav"))[:10]:
+        (neg / p.name).write_bytes(p.read_bytes())
+    (neg / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
     r = subprocess.run([sys.executable, "-m", "kwsd", "eval", "--model", str(model_path), "--json",
-                        "--positive", str(audio_dir / "positive"), "--negative", str(audio_dir / "negative"),
-                        "--plot", str(png)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    rows = {row["threshold"]: row for row in json.loads(r.stdout)}
+                        "--keyword", "小云小云", "--keyword", "你好小云",
+                        "--positive", str(audio_dir / "positive"), "--negative", str(neg),
+                        "--plot", str(png)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr
+    assert "broken.wav" in r.stderr and "Traceback" not in r.stderr
+    assert "less than an hour" in r.stderr
+    out = json.loads(r.stdout)
+    assert [u["file"] for u in out["unreadable"]] == [str(neg / "broken.wav")]
+    assert out["negative_files"] == 10
+    xiaoyun, nihao = out["keywords"]
+    assert (xiaoyun["keyword"], nihao["keyword"]) == ("小云小云", "你好小云")
+    assert xiaoyun["shifts_ms"] == [0.0, 10.0, 20.0]
+    rows = {row["threshold"]: row for row in xiaoyun["rows"]}
     default = rows[DetectorSettings().keywords[0].threshold]
     assert default["detected"] == default["positives"] - 1 and default["false_alarms"] == 0
     assert rows[0.95]["detected"] < default["detected"]
+    assert [(Path(m["file"]).name, m["shift_ms"]) for m in xiaoyun["missed"]] == [
+        (UNHEARD, 0.0), (UNHEARD, 10.0), (UNHEARD, 20.0)]
+    assert all(m["best_score"] < default["threshold"] for m in xiaoyun["missed"])
+    # Only the model card's example says 你好小云 among these positives.
+    assert len(nihao["missed"]) == 3 * (nihao["positives"] - 1)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

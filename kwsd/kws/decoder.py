@@ -240,6 +240,7 @@ class _Search:
         self.pending_rejects: set[int] = set()  # start frames of candidates rejected since the last fold
         self.pending_suppressed: set[int] = set()
         self.best = 0.0
+        self.best_shaped = 0.0  # best candidate within the keyword's span and gap limits
 
     def reset_search(self) -> None:
         self.hyps: dict[tuple[int, ...], _Hyp] = {(): [0.0, _NEG_INF, 0.0, (), _NEG_INF, ()]}
@@ -339,7 +340,10 @@ class _Search:
             duration = end - start + 1
             gap_ok = kw.max_gap_frames is None or all(
                 b[0] - a[0] <= kw.max_gap_frames for a, b in pairwise(run))
-            if score < kw.threshold or not kw.min_frames <= duration <= kw.max_frames or not gap_ok:
+            shaped = gap_ok and kw.min_frames <= duration <= kw.max_frames
+            if shaped and score > self.best_shaped:
+                self.best_shaped = score
+            if score < kw.threshold or not shaped:
                 self._note(self.pending_rejects, start, True)
                 log.debug("keyword %s rejected at frame %d: score %.3f, %d frames, peaks %s", kw.wakeword_id,
                           frame, score, duration, [f for f, _ in run])
@@ -457,12 +461,15 @@ class KeywordDecoder:
         """The frame index the next :meth:`step` call may start at (at the earliest)."""
         return self._next_frame
 
-    def best_score(self, wakeword_id: str | None = None) -> float:
+    def best_score(self, wakeword_id: str | None = None, shaped: bool = False) -> float:
         """Best candidate score since :meth:`reset` (fired, rejected or suppressed); 0 if none.
 
-        For one keyword (by wake word id) or, by default, all of them. Diagnostics: threshold tuning.
+        For one keyword (by wake word id) or, by default, all of them; ``shaped``: only candidates within the
+        keyword's span and gap limits (the threshold a missed keyword would have needed). Diagnostics: threshold
+        tuning.
         """
-        scores = [s.best for s in self._searches if wakeword_id is None or s.keyword.wakeword_id == wakeword_id]
+        scores = [s.best_shaped if shaped else s.best for s in self._searches
+                  if wakeword_id is None or s.keyword.wakeword_id == wakeword_id]
         if not scores:
             raise KeywordError(f"wakeword_id {wakeword_id!r} is not one of this decoder's keywords")
         return max(scores)

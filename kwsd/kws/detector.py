@@ -85,8 +85,8 @@ class _Stream:
     """The 10 ms step, once per stream."""
     lfr: LfrStacker
     """Splice + LFR for every phase."""
-    decoders: list[KeywordDecoder]
-    """One per phase."""
+    phased: PhasedDecoder
+    """One decoder per phase and the fusion of their hits."""
     start_sample: int
     raw: list[np.ndarray] = field(default_factory=list)  # audio accepted, features not yet extracted
     pending: list[np.ndarray] = field(default_factory=list)  # [phases, n, dim] blocks
@@ -94,20 +94,81 @@ class _Stream:
     outputs: int = 0  # model outputs produced so far (the first ``delay`` belong to the warm-up)
     samples_in: int = 0
     flushed: bool = False
-    last_end: dict[str, int] = field(default_factory=dict)
-    """Per keyword, the end (10 ms frames) of its last reported hit: other phases' hits of it within the
-    refractory period are the same utterance."""
-    held: dict[str, _Held] = field(default_factory=dict)
-    """Per keyword, a hit waiting one model frame for the other phases' hits of the same utterance."""
+
+
+@dataclass(frozen=True)
+class PhaseHit:
+    """A keyword heard on one stream after fusing its phases: the best phase's hit."""
+
+    phase: int
+    hit: Hit
+    first_decided: int
+    """10 ms frame (``stride * model frame + phase``) at which the first phase decided."""
 
 
 @dataclass
 class _Held:
     first: int
-    """10 ms frame at which the first phase decided."""
     phase: int
     hit: Hit
-    """The best phase's hit so far."""
+
+
+class PhasedDecoder:
+    """The keyword decoders of one stream's LFR phases, and the fusion of their hits into one per utterance.
+
+    Hits are taken in the order they were decided (10 ms resolution). The first phase's hit of a keyword is held
+    until every phase has decoded one more model frame; the other phases' hits of it until then are the same
+    utterance, and the best-scoring one is reported. Later hits of the keyword within the refractory period of the
+    reported one are dropped (the same utterance heard late by another phase).
+    """
+
+    def __init__(self, decoders: Sequence[KeywordDecoder], stride: int = 3) -> None:
+        self.decoders = list(decoders)
+        self.stride = stride
+        self.refractory = decoders[0].refractory_frames * stride  # 10 ms frames
+        self._last_end: dict[str, int] = {}  # per keyword, the end (10 ms frames) of its last reported hit
+        self._held: dict[str, _Held] = {}
+
+    def fuse(self, found: Sequence[tuple[int, Hit]], last_frame: int | None) -> list[PhaseHit]:
+        """Add the phases' hits ``(phase, hit)`` of frames up to ``last_frame`` (the last model frame every phase
+        has decoded; None: the stream ended) and return the fused hits now complete."""
+        stride = self.stride
+        out: list[PhaseHit] = []
+        for phase, hit in sorted(found, key=lambda ph: (stride * ph[1].decided_frame + ph[0], ph[0])):
+            wid = hit.keyword.wakeword_id
+            decided = stride * hit.decided_frame + phase
+            held = self._held.get(wid)
+            if held is not None and decided > held.first + stride:
+                out.append(self._release(wid))
+                held = None
+            if held is not None:
+                if hit.score > held.hit.score:
+                    held.phase, held.hit = phase, hit
+                continue
+            last = self._last_end.get(wid)
+            if last is not None and stride * hit.end_frame + phase - last < self.refractory:
+                continue
+            self._held[wid] = _Held(decided, phase, hit)
+        for wid in [w for w, h in self._held.items() if last_frame is None or last_frame > h.first // stride]:
+            out.append(self._release(wid))
+        return out
+
+    def _release(self, wid: str) -> PhaseHit:
+        held = self._held.pop(wid)
+        self._last_end[wid] = self.stride * held.hit.end_frame + held.phase
+        return PhaseHit(held.phase, held.hit, held.first)
+
+    def best_score(self, wakeword_id: str | None = None, shaped: bool = False) -> float:
+        """Best candidate score over every phase (fired, rejected or suppressed); 0 if none."""
+        return max(dec.best_score(wakeword_id, shaped) for dec in self.decoders)
+
+    def rejected_by_keyword(self) -> dict[str, int]:
+        """Rejected candidates per wake word id; the phases judge the same candidates: the most any phase had."""
+        out: dict[str, int] = {}
+        for dec in self.decoders:
+            for wid, n in dec.rejected_by_keyword().items():
+                out[wid] = max(out.get(wid, 0), n)
+        return out
 
 
 def build_keywords(settings: Iterable[KeywordSettings], tokens: Sequence[str], frame_seconds: float
@@ -180,7 +241,6 @@ class Detector:
         self._pool: ThreadPoolExecutor | None = None
         self._scanner = self._new_decoder()  # judges the whole batch's posteriors for the per-stream decoders
         self.refractory_frames = self._scanner.refractory_frames
-        self._refractory_shifts = self.refractory_frames * c.features.lfr_stride
 
     def close(self) -> None:
         """Stop the feature threads (the detector stays usable, single-threaded)."""
@@ -212,7 +272,7 @@ class Detector:
             slot=slot,
             fbank=FbankStream(fc),
             lfr=LfrStacker(fc, tuple(range(self.phases))),
-            decoders=[self._new_decoder() for _ in range(self.phases)],
+            phased=PhasedDecoder([self._new_decoder() for _ in range(self.phases)], fc.lfr_stride),
             start_sample=start_sample,
         )
 
@@ -239,15 +299,11 @@ class Detector:
     def rejected(self, name: str) -> dict[str, int]:
         """Rejected keyword candidates on a stream since it started (or was reset), per wake word id (the phases
         judge the same candidates: the most any phase rejected)."""
-        out: dict[str, int] = {}
-        for dec in self._streams[name].decoders:
-            for wid, n in dec.rejected_by_keyword().items():
-                out[wid] = max(out.get(wid, 0), n)
-        return out
+        return self._streams[name].phased.rejected_by_keyword()
 
     def best_score(self, name: str, wakeword_id: str | None = None) -> float:
         """Best candidate score on a stream since it started, over every phase (diagnostics: ``kwsd eval``)."""
-        return max(dec.best_score(wakeword_id) for dec in self._streams[name].decoders)
+        return self._streams[name].phased.best_score(wakeword_id)
 
     # -- audio ----------------------------------------------------------------------------------------------
 
@@ -316,7 +372,7 @@ class Detector:
         hits = []
         while stream.pending_frames:
             hits.extend(self._run([stream], stream.pending_frames))
-        hits.extend(self._fuse(stream, [], None))
+        hits.extend(self._detections(stream, stream.phased.fuse([], None)))
         return hits
 
     # -- inference ------------------------------------------------------------------------------------------
@@ -362,7 +418,7 @@ class Detector:
             first = s.outputs - delay  # model frame index of this block's first output
             s.outputs += frames
             found: list[tuple[int, Hit]] = []
-            for phase, dec in enumerate(s.decoders):
+            for phase, dec in enumerate(s.phased.decoders):
                 row = i * n_phases + phase
                 if self.scan and first >= 0 and not busy_l[row]:
                     dec.skip(first, frames, blank_l[row])  # no keyword token in these frames
@@ -373,7 +429,7 @@ class Detector:
                     if p.shape[0] == 0:
                         continue
                 found.extend((phase, hit) for hit in dec.step(p, start))
-            hits.extend(self._fuse(s, found, first + frames - 1))
+            hits.extend(self._detections(s, s.phased.fuse(found, first + frames - 1)))
         t3 = time.perf_counter()
         self.timing.features += t1 - t0
         self.timing.model += t2 - t1
@@ -382,55 +438,27 @@ class Detector:
         self.timing.frames += frames * len(streams)
         return hits
 
-    def _fuse(self, s: _Stream, found: list[tuple[int, Hit]], last_frame: int | None) -> list[Detection]:
-        """Fuse the phases' hits of a stream, in the order they were decided (10 ms resolution).
-
-        The first phase's hit of a keyword is held until every phase has decoded one more model frame
-        (``last_frame``: the last frame every phase has decoded; None: the stream ended); the other phases' hits
-        of it until then are the same utterance, and the best-scoring one is reported. Later hits of the keyword
-        within the refractory period of the reported one are dropped.
-        """
-        stride = self.contract.features.lfr_stride
-        out: list[Detection] = []
-        for phase, hit in sorted(found, key=lambda ph: (stride * ph[1].decided_frame + ph[0], ph[0])):
-            wid = hit.keyword.wakeword_id
-            decided = stride * hit.decided_frame + phase
-            held = s.held.get(wid)
-            if held is not None and decided > held.first + stride:
-                out.append(self._release(s, wid))
-                held = None
-            if held is not None:
-                if hit.score > held.hit.score:
-                    held.phase, held.hit = phase, hit
-                continue
-            last = s.last_end.get(wid)
-            if last is not None and stride * hit.end_frame + phase - last < self._refractory_shifts:
-                continue
-            s.held[wid] = _Held(decided, phase, hit)
-        for wid in [w for w, h in s.held.items() if last_frame is None or last_frame > h.first // stride]:
-            out.append(self._release(s, wid))
-        return out
-
-    def _release(self, s: _Stream, wid: str) -> Detection:
-        held = s.held.pop(wid)
-        hit, phase = held.hit, held.phase
+    def _detections(self, s: _Stream, fused: list[PhaseHit]) -> list[Detection]:
         stride = self.contract.features.lfr_stride
         shift = self.shift_samples
-        end = stride * hit.end_frame + phase  # 10 ms frames
-        s.last_end[wid] = end
-        # Known once every phase decoded the frame after the first decision, and the model's look-ahead with it.
-        decided = stride * (held.first // stride + 1 + self.contract.delay_frames + 1)
-        return Detection(
-            stream=s.name,
-            keyword=hit.keyword.phrase,
-            wakeword_id=wid,
-            score=float(hit.score),
-            threshold=hit.keyword.threshold,
-            start_sample=s.start_sample + (stride * hit.start_frame + phase) * shift,
-            end_sample=s.start_sample + end * shift + self.contract.features.frame_length,
-            decided_sample=s.start_sample + min(s.samples_in, decided * shift),
-            sample_rate=self.sample_rate,
-        )
+        out = []
+        for ph in fused:
+            hit, phase = ph.hit, ph.phase
+            # Known once every phase decoded the frame after the first decision, and the model's look-ahead.
+            decided = stride * (ph.first_decided // stride + 1 + self.contract.delay_frames + 1)
+            out.append(Detection(
+                stream=s.name,
+                keyword=hit.keyword.phrase,
+                wakeword_id=hit.keyword.wakeword_id,
+                score=float(hit.score),
+                threshold=hit.keyword.threshold,
+                start_sample=s.start_sample + (stride * hit.start_frame + phase) * shift,
+                end_sample=s.start_sample + (stride * hit.end_frame + phase) * shift
+                + self.contract.features.frame_length,
+                decided_sample=s.start_sample + min(s.samples_in, decided * shift),
+                sample_rate=self.sample_rate,
+            ))
+        return out
 
 
 def detect_samples(detector: Detector, name: str, samples: np.ndarray, block: int | None = None
