@@ -4,12 +4,12 @@
 A room is noisier and a speaker further away than in the recordings; these copies measure how recall holds up.
 Reproducible: the noise of every clip comes from ``--seed`` and the clip's position in the sorted list.
 
-    <name>+pink10.wav    pink noise added at 10 dB SNR (whole-clip RMS against noise RMS)
-    <name>+babble10.wav  another dev negative (other speech, looped) added at 10 dB SNR
-    <name>-20dB.wav      the recording scaled by -20 dB
+    noisy/<name>+pink10.wav    pink noise added at 10 dB SNR (whole-clip RMS against noise RMS)
+    noisy/<name>+babble10.wav  another dev negative (other speech, looped) added at 10 dB SNR
+    quiet/<name>-20dB.wav      the recording scaled by -20 dB
 
     KWSD_TEST_AUDIO=../shared/audio/xiaoyun PYTHONPATH=. python scripts/make_dev_positives.py --out /tmp/pos-hard
-    python -m kwsd eval --positive /tmp/pos-hard --negative ../shared/audio/xiaoyun/negative
+    python -m kwsd eval --positive /tmp/pos-hard/noisy --negative ../shared/audio/xiaoyun/negative
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def main() -> int:
     negatives = sorted((folder / "negative").glob("*.wav"))
     if not positives or not negatives:
         sys.exit(f"{folder}: needs positive/*.wav and negative/*.wav")
-    args.out.mkdir(parents=True, exist_ok=True)
+    for kind in ("noisy", "quiet"):
+        (args.out / kind).mkdir(parents=True, exist_ok=True)
     snr = f"{args.snr:g}"
     written = 0
     for i, path in enumerate(positives):
@@ -70,12 +71,12 @@ def main() -> int:
         other = read_wav(negatives[int(rng.integers(len(negatives)))])
         babble = np.resize(other, clip.shape[0])  # looped to the clip's length
         copies = {
-            f"+pink{snr}": at_snr(clip, pink(clip.shape[0], rng), args.snr),
-            f"+babble{snr}": at_snr(clip, babble, args.snr),
-            f"{args.gain:+g}dB": clip * 10 ** (args.gain / 20),
+            ("noisy", f"+pink{snr}"): at_snr(clip, pink(clip.shape[0], rng), args.snr),
+            ("noisy", f"+babble{snr}"): at_snr(clip, babble, args.snr),
+            ("quiet", f"{args.gain:+g}dB"): clip * 10 ** (args.gain / 20),
         }
-        for suffix, audio in copies.items():
-            (args.out / f"{path.stem}{suffix}.wav").write_bytes(to_wav(np.rint(audio), RATE))
+        for (kind, suffix), audio in copies.items():
+            (args.out / kind / f"{path.stem}{suffix}.wav").write_bytes(to_wav(np.rint(audio), RATE))
             written += 1
     print(f"wrote {written} clips to {args.out} (seed {args.seed})")
     return 0
