@@ -256,6 +256,27 @@ def test_eval_decodes_like_the_detector(session: ModelSession, audio_dir: Path, 
             (round(h.start, 3), round(h.score, 4)) for h in hits]
 
 
+def test_eval_streams_in_chunks_like_the_detector(session: ModelSession, positives: list[Path],
+                                                 negatives: list[Path]) -> None:
+    """A recording longer than one inference chunk of ``kwsd eval`` (several blocks and chunks, every threshold's
+    decoders fed the kept columns only): the same detections as the live detector, at every offset."""
+    from kwsd.kws.evaluation import CHUNK_FRAMES, decode_recording
+
+    audio = np.concatenate([read_wav(p) for p in positives[:8] + negatives[:4]])
+    assert audio.size > 3 * CHUNK_FRAMES * 480
+    s = DetectorSettings()
+    threshold = s.keywords[0].threshold
+    for shift in (0, 160, 320):
+        live = detect_samples(Detector(session, s), "s", audio[shift:], 1600)
+        blocks = [audio[i : i + 40000] for i in range(0, audio.size, 40000)]
+        result = decode_recording(session, s, blocks, [0.9, threshold], shift)
+        assert len(live) >= 7
+        assert [(f.wakeword_id, round(f.start, 3), round(f.score, 4)) for f in result.hits[threshold]] == [
+            (h.wakeword_id, round((h.start_sample + shift) / 16000, 3), round(h.score, 4)) for h in live]
+        assert len(result.hits[0.9]) < len(live)
+        assert result.seconds == audio.size / 16000
+
+
 def test_several_keywords_each_fire_on_the_model_card_example(session: ModelSession, audio_dir: Path) -> None:
     """你好小云 and 小云小云 configured together on "你好我是小云小云": each fires (neither masks the other)."""
     samples = read_wav(audio_dir / "positive/kws_xiaoyunxiaoyun.wav")

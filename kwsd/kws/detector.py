@@ -3,10 +3,12 @@
 The model sees one frame per 30 ms, so an utterance lands on one of three low-frame-rate phases, and its score
 depends on which (0.997 at one phase, 0.43 at another, for the same clip). A live microphone's phase is random, so
 every stream runs all three: its 10 ms fbank is computed once, spliced at each phase, and the phases are three rows
-of the shared model cache and of the same batched ``session.run``. Each phase has its own keyword decoder; a stream
-reports the first phase's hit of a keyword and drops the other phases' hits of the same keyword within the refractory
-period (the best phase decides, since a keyword fires where its score first passes the threshold). A shift of the
-audio by 10 or 20 ms only changes which row hears which phase, so detections do not depend on where the audio began.
+of the shared model cache and of the same batched ``session.run``. Each phase has its own keyword decoder
+(:class:`PhasedDecoder`): a keyword fires when any phase's candidate passes its threshold, the first phase's hit is
+held for one more model frame so the other phases' hits of the same utterance can join it, and the best-scoring one
+is reported; later hits of the keyword within its refractory period are the same utterance and are dropped. A shift
+of the audio by 10 or 20 ms only changes which row hears which phase, so detections do not depend on where the audio
+began. Holding the hit adds at most one model frame (30 ms) to the wake latency.
 
 Each stream owns its feature state, three rows of the model cache and three decoders. ``accept`` queues audio;
 ``step`` extracts features for every stream, gathers every stream with frames pending into one ``session.run`` (the
