@@ -364,3 +364,21 @@ def test_eval_command(model_path: Path, audio_dir: Path, tmp_path: Path) -> None
     # Only the model card's example says 你好小云 among these positives.
     assert len(nihao["missed"]) == 3 * (nihao["positives"] - 1)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    import io
+
+    from kwsd.kws.evaluation import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term, pipe = Terminal(), io.StringIO()
+    for stream in (term, pipe):
+        bar = Progress(120.0, stream)
+        bar.add(60.0)
+        bar.close()
+    assert "50.0%" in term.getvalue() and "1.0/2.0 min" in term.getvalue()
+    assert pipe.getvalue() == ""

@@ -221,7 +221,7 @@ def plot_det(result: Evaluation, path: Path) -> None:
         for r in kw.rows:
             x = r.false_alarms_per_hour if r.false_alarms else zero
             groups.setdefault((x, 100 * (1 - r.recall)), []).append(r.threshold)
-        pts = sorted(groups)
+        pts = list(groups)  # in threshold order: the curve runs from the lowest threshold to the highest
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="tab:blue", zorder=2)
         ax.set_xscale("log")
         conf = next(r for r in kw.rows if r.threshold == kw.threshold)
@@ -239,7 +239,7 @@ def plot_det(result: Evaluation, path: Path) -> None:
         ax.set_xticks([zero], labels=["none"], minor=True)  # the column of thresholds without false alarms
         ax.set_xlabel("false alarms per hour (log scale)")
         ax.set_ylabel("miss rate at the worst offset (%)")
-        name = kw.keyword if cjk else f"keyword {kw_index + 1}"
+        name = kw.keyword if cjk else f"detector.keywords[{kw_index}]"
         ax.set_title(f"{name}: {kw.positives} positives, {hours * 60:.1f} min of negatives; labels: thresholds")
         ax.grid(True, which="both", alpha=0.3)
         legend = ax.legend(loc="upper right", fontsize=8)
