@@ -257,8 +257,10 @@ class Progress:
 def evaluate(session: ModelSession, settings: DetectorSettings, positives: Sequence[Positives],
              negatives: Sequence[Path], thresholds: Sequence[float], shifts: Sequence[int] = SHIFTS,
              progress: bool = True) -> Evaluation:
-    """Run every recording once per offset (positives) or once (negatives); one DET table per keyword."""
+    """Run every recording once per offset (positives) or once (negatives); one DET table per keyword, with a row
+    for every threshold given and every configured one."""
     rate = session.contract.features.sample_rate
+    thresholds = sorted(set(thresholds) | {k.threshold for k in settings.keywords})
     pos_files = [(p, src.wakeword_id) for src in positives for p in sorted(src.folder.glob("*.wav"))]
     neg_files = [p for folder in negatives for p in sorted(folder.glob("*.wav"))]
     total = sum(wav_seconds(p) for p, _ in pos_files) * len(shifts) + sum(wav_seconds(p) for p in neg_files)
