@@ -88,11 +88,61 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
 
 _TOPIC_PART = re.compile(r"^[^/+#\x00]{1,128}$")
 
+MAX_TOPIC_BYTES = 65535
+"""MQTT's limit on the UTF-8 length of a topic name."""
+MAX_SITE_ID = 64
+"""Longest siteId accepted from the network (satellites, toggles): it becomes a topic level and an entity."""
+
 
 def check_topic_part(value: str, what: str) -> str:
     """A siteId / wakewordId / sessionId must fit one topic level (no ``/``, ``+``, ``#``)."""
-    if not _TOPIC_PART.match(value):
+    if not _TOPIC_PART.match(value) or _bad_topic_char(value) is not None:
         raise MessageError(f"{what}: {value!r} cannot be used as a topic level")
+    return value
+
+
+def _bad_topic_char(topic: str) -> str | None:
+    """The first character a broker refuses in a topic name, as a description, or None.
+
+    mosquitto closes the connection on a PUBLISH whose topic holds a wildcard, a C0/C1 control character
+    (NUL included), a UTF-16 surrogate or a Unicode noncharacter (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF).
+    """
+    for ch in topic:
+        c = ord(ch)
+        if ch in "+#":
+            return f"wildcard {ch!r}"
+        if c <= 0x1F or 0x7F <= c <= 0x9F:
+            return f"control character U+{c:04X}"
+        if 0xD800 <= c <= 0xDFFF:
+            return f"surrogate U+{c:04X}"
+        if 0xFDD0 <= c <= 0xFDEF or (c & 0xFFFF) in (0xFFFE, 0xFFFF):
+            return f"noncharacter U+{c:04X}"
+    return None
+
+
+def check_publish_topic(topic: str) -> str:
+    """A topic the broker accepts in PUBLISH, or ``MessageError`` saying what is wrong with it."""
+    if not topic:
+        raise MessageError("topic is empty")
+    bad = _bad_topic_char(topic)
+    if bad is not None:
+        raise MessageError(f"topic {topic[:200]!r} holds a {bad}")
+    if len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:
+        raise MessageError(f"topic {topic[:60]!r}... is longer than {MAX_TOPIC_BYTES} bytes")
+    return topic
+
+
+def check_site_id(value: str, what: str = "siteId") -> str:
+    """A siteId from the network: 1..``MAX_SITE_ID`` printable characters that fit one topic level."""
+    if not value:
+        raise MessageError(f"{what} is empty")
+    if len(value) > MAX_SITE_ID:
+        raise MessageError(f"{what} {value[:40]!r}... is longer than {MAX_SITE_ID} characters")
+    if "/" in value or not value.isprintable() or value != value.strip():
+        raise MessageError(f"{what} {value!r} cannot be used as a topic level")
+    bad = _bad_topic_char(value)
+    if bad is not None:
+        raise MessageError(f"{what} {value!r} holds a {bad}")
     return value
 
 
@@ -450,6 +500,14 @@ class AudioFrame:
             raise MessageError(f"{w}: unreadable WAV ({exc})") from exc
         usable = len(raw) - len(raw) % (2 * channels)
         return np.frombuffer(raw[:usable], dtype="<i2"), rate, channels
+
+    def mono(self) -> tuple[np.ndarray, int]:
+        """(mono int16 samples, rate): channels averaged, the sample rate left as sent."""
+        data, rate, channels = self.pcm()
+        if channels == 1:
+            return data.astype(np.int16, copy=False), rate
+        mixed = data.reshape(-1, channels).astype(np.int32).sum(axis=1) // channels
+        return mixed.astype(np.int16), rate
 
     def samples(self) -> np.ndarray:
         """The audio as 16 kHz mono int16 (channels averaged, resampled with a polyphase filter)."""
