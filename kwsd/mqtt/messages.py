@@ -469,37 +469,54 @@ class AudioFrame:
         return frame
 
     def pcm(self) -> tuple[np.ndarray, int, int]:
-        """(interleaved int16 samples, rate, channels), or ``MessageError``."""
+        """(interleaved int16 samples, rate, channels), or ``MessageError``.
+
+        The RIFF chunks are walked with bounds checks here (the standard library's reader raises assorted
+        errors, RuntimeError among them, on hostile headers); ``fmt`` must say 16-bit PCM.
+        """
         w = self.WHAT
-        if len(self.wav) < 44 or self.wav[:4] != b"RIFF" or self.wav[8:12] != b"WAVE":
+        b = self.wav
+        if len(b) < 44 or b[:4] != b"RIFF" or b[8:12] != b"WAVE":
             raise MessageError(f"{w}: payload is not a RIFF/WAVE file")
-        try:
-            with wave.open(io.BytesIO(self.wav), "rb") as wf:
-                rate, channels, width, n = (
-                    wf.getframerate(),
-                    wf.getnchannels(),
-                    wf.getsampwidth(),
-                    wf.getnframes(),
-                )
-                if width != 2:
+        fmt: tuple[int, int, int, int] | None = None
+        data: bytes | None = None
+        pos = 12
+        while pos + 8 <= len(b):
+            chunk, size = b[pos : pos + 4], int.from_bytes(b[pos + 4 : pos + 8], "little")
+            body = pos + 8
+            if chunk == b"fmt ":
+                if size < 16 or body + 16 > len(b):
+                    raise MessageError(f"{w}: fmt chunk of {size} bytes is too short")
+                tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", b, body)
+                fmt = (tag, channels, rate, bits)
+            elif chunk == b"data":
+                if fmt is None:
+                    raise MessageError(f"{w}: data chunk before the fmt chunk")
+                frame = 2 * max(1, fmt[1])
+                if size in (0, 0xFFFFFFFF):  # a streaming writer that did not know the length
+                    size = len(b) - body
+                if body + size > len(b):
                     raise MessageError(
-                        f"{w}: sample width {8 * width} bits is not supported (16-bit PCM only)"
+                        f"{w}: header claims {size // frame} frames, more than the payload holds"
                     )
-                if not 1 <= channels <= 8:
-                    raise MessageError(f"{w}: {channels} channels is not supported (1..8)")
-                if not self.MIN_RATE <= rate <= self.MAX_RATE:
-                    raise MessageError(
-                        f"{w}: sample rate {rate} Hz is outside {self.MIN_RATE}..{self.MAX_RATE}"
-                    )
-                if n * channels * 2 > len(self.wav):
-                    raise MessageError(f"{w}: header claims {n} frames, more than the payload holds")
-                raw = wf.readframes(n)
-        except MessageError:
-            raise
-        except (wave.Error, EOFError, ValueError, OverflowError, struct.error) as exc:
-            raise MessageError(f"{w}: unreadable WAV ({exc})") from exc
-        usable = len(raw) - len(raw) % (2 * channels)
-        return np.frombuffer(raw[:usable], dtype="<i2"), rate, channels
+                data = b[body : body + size]
+                break
+            pos = body + size + (size & 1)
+        if fmt is None:
+            raise MessageError(f"{w}: no fmt chunk")
+        tag, channels, rate, bits = fmt
+        if tag not in (1, 0xFFFE):
+            raise MessageError(f"{w}: format tag {tag} is not PCM")
+        if bits != 16:
+            raise MessageError(f"{w}: sample width {bits} bits is not supported (16-bit PCM only)")
+        if not 1 <= channels <= 8:
+            raise MessageError(f"{w}: {channels} channels is not supported (1..8)")
+        if not self.MIN_RATE <= rate <= self.MAX_RATE:
+            raise MessageError(f"{w}: sample rate {rate} Hz is outside {self.MIN_RATE}..{self.MAX_RATE}")
+        if data is None:
+            raise MessageError(f"{w}: no data chunk")
+        usable = len(data) - len(data) % (2 * channels)
+        return np.frombuffer(data[:usable], dtype="<i2"), rate, channels
 
     def mono(self) -> tuple[np.ndarray, int]:
         """(mono int16 samples, rate): channels averaged, the sample rate left as sent."""

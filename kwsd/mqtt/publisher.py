@@ -60,6 +60,9 @@ MAX_REASON = 256
 ERROR_ANSWERS_PER_SECOND = 10.0
 """Rate of ``hermes/error/hotword`` answers to bad inbound messages (a burst of twice this is allowed)."""
 
+HA_REANNOUNCE_INTERVAL = 1.0
+"""Seconds within which further Home Assistant birth messages do not announce the discovery again."""
+
 ToggleCallback = Callable[[str, bool, str], None]
 """``on_toggle(site, enabled, reason)``: ``enabled`` is True for ``toggleOn``, False for ``toggleOff``."""
 AudioCallback = Callable[[str, np.ndarray, int], None]
@@ -149,6 +152,7 @@ class Publisher:
         self._last_warning = 0.0
         self._error_tokens = 2 * ERROR_ANSWERS_PER_SECOND
         self._error_time = time.monotonic()
+        self._ha_online_at = -HA_REANNOUNCE_INTERVAL
         self._routes, self._wild_routes = self._make_routes()
         self.connection = Connection(
             settings,
@@ -430,7 +434,7 @@ class Publisher:
         except MessageError as exc:
             self._inbound_error(topic, str(exc))
         except Exception as exc:  # a bug in a handler must not end the connection
-            self._callback_errors.error(f"handling a message on {topic[:200]!r}: {describe(exc)}", exc)
+            self._callback_errors.error(f"handling a message failed: {describe(exc)}", exc, f" (on {topic[:200]!r})")
             self._inbound_error(topic, f"internal error: {describe(exc)}")
 
     def _call(self, what: str, callback: Callable[..., None], *args: object) -> None:
@@ -450,10 +454,15 @@ class Publisher:
             self._call("on_toggle", self.on_toggle, toggle.site_id, enabled, toggle.reason)
 
     def _on_ha_status(self, topic: str, payload: bytes) -> None:
-        if payload.strip() == ONLINE:
-            log.info("Home Assistant is online: re-announcing discovery")
-            with self._lock:
-                self._announce_pending = True
+        if payload.strip() != ONLINE:
+            return
+        now = time.monotonic()
+        if now - self._ha_online_at < HA_REANNOUNCE_INTERVAL:
+            return  # the discovery is retained: a burst of birth messages needs one announcement
+        self._ha_online_at = now
+        log.info("Home Assistant is online: re-announcing discovery")
+        with self._lock:
+            self._announce_pending = True
 
     def _on_audio_frame(self, topic: str, payload: bytes) -> None:
         s = self.settings.satellites
