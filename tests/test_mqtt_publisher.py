@@ -445,3 +445,28 @@ time.sleep(30)
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_satellite_site_ids_are_checked_and_get_no_entity_until_announced(broker: Broker, tmp_path: Path) -> None:
+    s = settings(broker, satellites=SatelliteSettings(enabled=True))
+    heard: list[tuple[str, int]] = []
+    pub = running(
+        Publisher(s, tmp_path / "outbox", ["a"], satellite_audio=lambda site, x, rate: heard.append((site, rate)))
+    )
+    sub = Subscriber(broker, "hermes/error/#", "homeassistant/#")
+    frame = to_wav(np.zeros(320, np.int16), 16000)
+    try:
+        for site in ("s" * 65, "a b ", "zero\u200bwidth"):
+            sub.publish(AudioFrame.topic(site), frame)
+        sub.publish(AudioFrame.topic("卧室"), frame)
+        wait_until(lambda: heard == [("卧室", 16000)], 5, "the good satellite's frame")
+        errors = [HotwordError.from_payload(m.payload) for m in sub.wait_for(3, "hermes/error/hotword")]
+        assert "longer than 64" in errors[0].error and errors[0].site_id == "default"
+        assert all("siteId" in e.error for e in errors)
+        # a satellite gets its Home Assistant entity only once the daemon names it
+        assert not [m for m in sub.messages if "wake_" in m.topic and "wake_a" not in m.topic]
+        pub.update_sites(["a", "卧室"])
+        sub.wait_for(1, "homeassistant/event/kwsd/wake___/config")
+    finally:
+        pub.stop()
+        sub.close()
