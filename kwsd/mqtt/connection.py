@@ -155,6 +155,7 @@ class Connection:
             self._thread.join(timeout + self.settings.connect_timeout + 2.0)
             if self._thread.is_alive():
                 log.warning("MQTT thread did not stop within %.1f s", timeout)
+                return  # it still uses the wake-up socket; it ends at its next turn
             self._thread = None
         self._state = "stopped"
         for sock in (self._wake_r, self._wake_w):

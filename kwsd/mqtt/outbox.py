@@ -504,7 +504,7 @@ class Outbox:
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
-                self._disk_failed("still cannot be written", exc)
+                self._disk_failed("cannot be written", exc)
                 return False
             for size in self._unsent_deletes.values():
                 self._depth -= 1
