@@ -5,8 +5,10 @@ Starts a private mosquitto on a loopback port, connects a ``Publisher`` (two sit
 satellites on), waits for it to settle, then samples ``/proc/self/task/*/status`` (context switches: every
 switch is a wake-up of that thread) and ``/proc/self/task/*/stat`` (CPU ticks) over ``--seconds``. With
 ``--wakes N`` it also publishes N wake events per second during the window, to show the cost per message.
+With ``--latency N`` it then hands over N wakes, 50 ms apart, and prints the time from ``put_wake`` to their
+arrival at a subscriber (p50, p99).
 
-    .venv/bin/python scripts/bench_mqtt_idle.py [--seconds 20] [--wakes 0]
+    .venv/bin/python scripts/bench_mqtt_idle.py [--seconds 20] [--wakes 0] [--latency 0]
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from kwsd.mqtt.messages import WakeEvent  # noqa: E402
 from kwsd.settings import MqttSettings, SatelliteSettings  # noqa: E402
-from tests.fixtures_broker import Broker  # noqa: E402
+from tests.fixtures_broker import Broker, Subscriber  # noqa: E402
 
 try:
     from kwsd.mqtt.publisher import Publisher
@@ -55,6 +57,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=20.0, help="length of the measured window")
     ap.add_argument("--wakes", type=float, default=0.0, help="wake events per second during the window")
+    ap.add_argument("--latency", type=int, default=0, help="wakes whose hand-over-to-arrival time is measured")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="kwsd-bench-mqtt-") as tmp:
@@ -86,6 +89,17 @@ def main() -> int:
                 time.sleep(args.seconds)
         elapsed = time.monotonic() - t0
         after = task_sample()
+        lat: list[float] = []
+        if args.latency:
+            sub = Subscriber(broker, "kwsd/lat/wake")
+            put = getattr(pub, "put_wake", None) or pub.publish_wake
+            for i in range(args.latency):
+                t = time.perf_counter()
+                put(WakeEvent("lat", "xiaoyun", "小云小云", 0.9, 0.2, i, i + 0.8, f"l{i}"))
+                sub.wait_for(i + 1, "kwsd/lat/wake")
+                lat.append(time.perf_counter() - t)
+                time.sleep(0.05)
+            sub.close()
         pub.stop()
         broker.stop()
 
@@ -101,6 +115,10 @@ def main() -> int:
         total_c += c
         print(f"{name:<20} {w:>11.2f} {c:>7.2f}")
     print(f"{'all but main':<20} {total_w:>11.2f} {total_c:>7.2f}")
+    if lat:
+        lat.sort()
+        p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        print(f"put_wake -> subscriber, {len(lat)} wakes: p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms")
     return 0
 
 
