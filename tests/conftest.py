@@ -24,7 +24,8 @@ pytest_plugins: list[str] = ["tests.fixtures_fetch", "tests.fixtures_broker", "t
 def _env_dir(name: str) -> Path:
     value = os.environ.get(name)
     if not value:
-        pytest.fail(f"{name} is not set: point it at the folder (scripts/test sets it from ../shared)")
+        pytest.fail(f"{name} is not set: run the tests with scripts/test (it fetches the recordings into "
+                    "models/recordings), or point it at a folder of them (positive/, negative/, index.tsv)")
     path = Path(value)
     if not path.is_dir():
         pytest.fail(f"{name}={value} is not a folder")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +18,12 @@ from kwsd.__main__ import main
 from kwsd.model.fetch import FetchError, fetch_files, fetch_model, file_url
 from kwsd.model.manifest import Manifest, ManifestError, load_manifest, parse_manifest
 from tests.fixtures_fetch import STALL_S, ModelServer, build_mirror
+from tests.recordings import MANIFEST as RECORDINGS_MANIFEST
+from tests.recordings import fetch_recordings
+from tests.recordings import main as recordings_main
 
 MANIFEST = load_manifest()
+RECORDINGS = load_manifest(RECORDINGS_MANIFEST)
 REQUIRED = sorted(f.path for f in MANIFEST.files if f.required)
 FAST: dict[str, Any] = {"backoff": 0.01, "timeout": 5.0}
 
@@ -71,6 +77,8 @@ def test_manifest_pins_upstream_and_matches_the_mirror(model_mirror: Path) -> No
         (lambda d: d["files"][0].update(size=-1), "files[0].size"),
         (lambda d: d["files"][0].update(required="yes"), "files[0].required"),
         (lambda d: d.update(repository="noslash"), "repository"),
+        (lambda d: d["files"][0].update(local="../x"), "files[0].local"),
+        (lambda d: d["files"][1].update(local=d["files"][0]["path"]), "files[1].local: README.md is stored twice"),
     ],
 )
 def test_invalid_manifest_names_the_key(change: Callable[[dict[str, Any]], None], key: str) -> None:
@@ -331,3 +339,60 @@ def test_if_present_file_fetched_when_the_source_has_it(
     (damaged / "example/kws_xiaoyunxiaoyun.wav").write_bytes(b"RIFF" + bytes(144964))
     with pytest.raises(FetchError, match=r"example/kws_xiaoyunxiaoyun\.wav"):
         fetch_model(tmp_path / "c", str(damaged))
+
+
+# --- the test recordings ------------------------------------------------------------------------------------
+
+
+def recordings_mirror(root: Path, audio_dir: Path, model_mirror: Path) -> Path:
+    """A mirror laid out like the upstream repository, with its test recordings (taken from ``audio_dir``)."""
+    build_mirror(root, model_mirror)
+    for entry in RECORDINGS.files:
+        (root / entry.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(audio_dir / entry.local_path, root / entry.path)
+    return root
+
+
+def test_recordings_manifest_lists_the_test_recordings(audio_dir: Path) -> None:
+    """Every recording the tests use is pinned, and the pins match the folder the tests read."""
+    assert RECORDINGS.repository == MANIFEST.repository and RECORDINGS.revision == MANIFEST.revision
+    listed = {f.local_path: f for f in RECORDINGS.files}
+    on_disk = sorted(p.relative_to(audio_dir).as_posix() for p in audio_dir.glob("*/*.wav"))
+    assert sorted(listed) == on_disk
+    for rel, entry in listed.items():
+        assert ((audio_dir / rel).stat().st_size, sha256(audio_dir / rel)) == (entry.size, entry.sha256), rel
+        folder = "example/" if rel == "positive/kws_xiaoyunxiaoyun.wav" else "unittest/example_kws/wav/"
+        assert entry.path == folder + rel.split("/")[1]
+
+
+def test_recordings_fetched_over_http_and_laid_out_for_the_tests(
+    model_server: ModelServer, audio_dir: Path, model_mirror: Path, tmp_path: Path
+) -> None:
+    model_server.root = recordings_mirror(tmp_path / "upstream", audio_dir, model_mirror)
+    dest = tmp_path / "recordings"
+    files = fetch_recordings(dest, model_server.url, **FAST)
+    assert len(files) == len(RECORDINGS.files) == 59
+    for entry in RECORDINGS.files:
+        assert (dest / entry.local_path).read_bytes() == (audio_dir / entry.local_path).read_bytes()
+    assert {r.status for r in model_server.requests} == {200}
+    with open(dest / "index.tsv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert len(rows) == 59
+    assert all(r["label"] == r["path"].split("/")[0] for r in rows)
+    assert {r["transcript"] for r in rows if r["label"] == "positive"} == {"小云小云"}
+    # the second run verifies what is there and downloads nothing
+    model_server.requests.clear()
+    fetch_recordings(dest, model_server.url, **FAST)
+    assert model_server.requests == []
+
+
+def test_recordings_missing_from_the_source_say_what_to_do(
+    full_mirror: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror of the model files only (no unittest/ folder): one message naming the file and KWSD_TEST_AUDIO."""
+    monkeypatch.setenv("KWSD_MODEL_SOURCE", str(full_mirror))
+    assert recordings_main([str(tmp_path / "rec")]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot fetch the test recordings from {full_mirror}: unittest/example_kws/wav/" in err
+    assert "not found in the model mirror" in err and "set KWSD_TEST_AUDIO" in err
+    assert "Traceback" not in err

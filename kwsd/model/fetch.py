@@ -177,7 +177,7 @@ class _Source:
 
 
 def _fetch_one(dest: Path, entry: ManifestFile, source: _Source, show: bool) -> FetchedFile:
-    target = dest / entry.path
+    target = dest / entry.local_path
     if target.is_dir():
         raise FetchError(f"{entry.path}: {target} is a folder, expected the file")
     if target.exists():
