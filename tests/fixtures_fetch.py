@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import threading
 import time
 import urllib.parse
@@ -141,6 +142,13 @@ def _handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
 
 
 EXAMPLE = "example/kws_xiaoyunxiaoyun.wav"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def build_mirror(root: Path, upstream: Path, example: Path | None = None) -> Path:

@@ -15,14 +15,15 @@ from typing import Any
 import pytest
 
 from kwsd.__main__ import main
-from kwsd.model.fetch import FetchError, fetch_files, fetch_model, file_url
+from kwsd.model.fetch import FetchError, Unreachable, fetch_files, fetch_model, file_url
 from kwsd.model.manifest import Manifest, ManifestError, load_manifest, parse_manifest
-from tests.fixtures_fetch import STALL_S, ModelServer, build_mirror
+from tests.fixtures_fetch import STALL_S, ModelServer, build_mirror, closed_port
 from tests.recordings import MANIFEST as RECORDINGS_MANIFEST
 from tests.recordings import fetch_recordings
 from tests.recordings import main as recordings_main
 
 MANIFEST = load_manifest()
+EXAMPLE = "example/kws_xiaoyunxiaoyun.wav"
 RECORDINGS = load_manifest(RECORDINGS_MANIFEST)
 REQUIRED = sorted(f.path for f in MANIFEST.files if f.required)
 FAST: dict[str, Any] = {"backoff": 0.01, "timeout": 5.0}
@@ -150,16 +151,16 @@ def test_present_files_are_not_downloaded_again(model_server: ModelServer, tmp_p
     model_server.requests.clear()
 
     again = fetch_files(dest, model_server.url, **FAST)
-    assert {r.status for r in again} == {"present"}
-    # only the example recording, which this server lacks, is asked for again
-    assert [r.file_path for r in model_server.requests] == ["example/kws_xiaoyunxiaoyun.wav"]
-    model_server.requests.clear()
+    assert {r.path: r.status for r in again} == {**dict.fromkeys(REQUIRED, "present"), EXAMPLE: "skipped"}
+    # every required file is in place: the source is not contacted, not even for the example it lacks
+    assert model_server.requests == []
     assert {p: p.stat().st_mtime_ns for p in dest.rglob("*") if p.is_file()} == stamps
 
-    # a damaged copy is replaced, and only that one is fetched
+    # a damaged copy is replaced, and only that one is fetched; the source is asked for the example again
     (dest / "kwsr.mvn").write_bytes(b"garbage")
     third = fetch_files(dest, model_server.url, **FAST)
     assert [r.path for r in third if r.status == "fetched"] == ["kwsr.mvn"]
+    assert [r.status for r in third if r.path == EXAMPLE] == ["absent"]
     assert [r.file_path for r in model_server.requests] == ["kwsr.mvn", "example/kws_xiaoyunxiaoyun.wav"]
     assert assert_only_verified(dest) == REQUIRED
 
@@ -300,15 +301,67 @@ def test_progress_bar_only_on_request_or_terminal(
 
 
 def test_cli_fetch_twice(bare_mirror: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a terminal: one line per file on stdout, nothing on stderr; the example's line says what it is for."""
     dest = tmp_path / "up"
     argv = ["model", "fetch", "--source", str(bare_mirror), "--dest", str(dest)]
     assert main(argv) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 10 and all(line.startswith("fetched ") for line in lines)
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 11 and all(line.startswith("fetched ") for line in lines[:10]) and err == ""
     assert any(line.split()[1] == "kwsr.net" for line in lines)
+    assert lines[10] == (f"not in source    {EXAMPLE} (optional; only a new export needs it: KWSD_MODEL_EXAMPLE)")
     assert main(argv) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 11 and all(line.startswith("already present ") for line in lines[:10]) and err == ""
+    assert lines[10] == f"not fetched      {EXAMPLE} (optional; every required file is present)"
+
+
+def test_cli_fetch_with_the_example(full_mirror: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "fetch", "--source", str(full_mirror), "--dest", str(tmp_path / "up")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 10 and all(line.startswith("already present ") for line in lines)
+    assert len(lines) == 11 and all(line.startswith("fetched ") for line in lines)
+    assert lines[-1] == f"fetched          {EXAMPLE} (144968 bytes)"
+
+
+def test_refused_connection_fails_at_once(tmp_path: Path) -> None:
+    """Default retries and backoff (31 s of retrying) do not apply to a connection that is refused."""
+    port = closed_port()
+    start = time.monotonic()
+    with pytest.raises(Unreachable, match=rf"README\.md: cannot connect to 127\.0\.0\.1:{port}: Connection refused"):
+        fetch_model(tmp_path / "up", f"http://127.0.0.1:{port}")
+    assert time.monotonic() - start < 2.0
+    assert not (tmp_path / "up").exists() or assert_only_verified(tmp_path / "up") == []
+
+
+def test_cli_failed_download_says_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default source (ModelScope, here a domain that refuses) fails in two lines naming the fix."""
+    monkeypatch.delenv("KWSD_MODEL_SOURCE", raising=False)
+    port = closed_port()
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", f"127.0.0.1:{port}")
+    start = time.monotonic()
+    assert main(["model", "fetch", "--dest", str(tmp_path / "up")]) == 1
+    assert time.monotonic() - start < 2.0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"kwsd model fetch: error: README.md: cannot connect to 127.0.0.1:{port}: Connection refused",
+        "kwsd model fetch: hosts without access to it: set KWSD_MODEL_SOURCE=/path/to/mirror (a copy of the "
+        "upstream model repository, same relative paths) or pass --source",
+    ]
+
+
+def test_cli_retries_exhausted_say_what_to_do(
+    model_server: ModelServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_server.faults["kwsr.cfg"] = "stall"
+    argv = ["model", "fetch", "--source", model_server.url, "--dest", str(tmp_path / "up"),
+            "--retries", "1", "--timeout", "0.2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "kwsd model fetch: error: kwsr.cfg: download from http://127.0.0.1:" in err
+    assert "failed after 1 retries" in err and "set KWSD_MODEL_SOURCE=/path/to/mirror" in err
 
 
 def test_cli_source_from_env_and_failure_exit(

@@ -6,11 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from kwsd.model.manifest import load_manifest
 from tests.conftest import REPO
-from tests.fixtures_fetch import ModelServer, build_mirror
+from tests.fixtures_fetch import ModelServer, build_mirror, closed_port
 from tests.recordings import MANIFEST as RECORDINGS_MANIFEST
 
 # Variables a new user's shell has; nothing of this test run's (KWSD_TEST_AUDIO, KWSD_MODEL, ...) leaks in.
@@ -74,3 +75,33 @@ def test_readme_test_command_in_a_fresh_checkout(
     assert (clone / "models" / "recordings" / "index.tsv").is_file()
     fetched = {r.file_path for r in model_server.requests}
     assert "kwsr.net" in fetched and "unittest/example_kws/wav/1330806238146100615.wav" in fetched
+
+
+def test_setup_again_needs_no_network(bare_mirror: Path, audio_dir: Path, tmp_path: Path) -> None:
+    """Set up from a mirror without the example recording (given by KWSD_MODEL_EXAMPLE), then again with no
+    variable at all and a ModelScope that refuses connections: nothing is fetched and nothing fails."""
+    clone = fresh_copy(tmp_path / "kwsd")
+    env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
+    env["KWSD_VENV"] = str(Path(sys.prefix))
+    example = audio_dir / "positive/kws_xiaoyunxiaoyun.wav"
+    first = subprocess.run(
+        ["scripts/setup", "--dev"], cwd=clone, capture_output=True, text=True, timeout=300,
+        env=dict(env, KWSD_MODEL_SOURCE=str(bare_mirror), KWSD_MODEL_EXAMPLE=str(example)),
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count("exported models/kwsd-xiaoyun.onnx") == 1  # the summary, once
+    assert "not in source    example/kws_xiaoyunxiaoyun.wav" in first.stdout
+
+    port = closed_port()
+    start = time.monotonic()
+    again = subprocess.run(
+        ["scripts/setup", "--dev"], cwd=clone, capture_output=True, text=True, timeout=300,
+        env=dict(env, MODELSCOPE_DOMAIN=f"127.0.0.1:{port}"),
+    )
+    took = time.monotonic() - start
+    assert again.returncode == 0, again.stdout + again.stderr
+    lines = again.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:-2]] == ["already"] * 10
+    assert lines[-2:] == ["not fetched      example/kws_xiaoyunxiaoyun.wav (optional; every required file is present)",
+                          "setup: ready (models/kwsd-xiaoyun.onnx)"]
+    assert again.stderr == "" and took < 20
