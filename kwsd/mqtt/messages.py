@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from kwsd.audio import wavfile
 from kwsd.audio.resample import resample_once
 
 SAMPLE_RATE = 16000
@@ -467,14 +468,8 @@ def to_mono_16k(interleaved: np.ndarray, rate: int, channels: int) -> np.ndarray
 
 
 def to_wav(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> bytes:
-    """int16 samples (interleaved when ``channels`` > 1) → WAV bytes."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as wf:
-        wf.setnchannels(channels)
-        wf.setsampwidth(2)
-        wf.setframerate(sample_rate)
-        wf.writeframes(np.ascontiguousarray(samples, dtype="<i2").tobytes())
-    return buf.getvalue()
+    """int16 samples (interleaved when ``channels`` > 1) → WAV bytes (the one writer: ``kwsd.audio.wavfile``)."""
+    return wavfile.to_wav(samples, sample_rate, channels)
 
 
 # ----------------------------------------------------------------------------------------------------
