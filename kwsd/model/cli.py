@@ -18,7 +18,10 @@ AIR_GAPPED_HINT = (f"hosts without access to it: set {SOURCE_ENV}=/path/to/mirro
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``model`` command group; each entry of SUBCOMMANDS adds one subcommand."""
-    parser = subparsers.add_parser("model", help="fetch and prepare the keyword model")
+    parser = subparsers.add_parser(
+        "model", help="fetch and prepare the keyword model",
+        description="Fetch the upstream model files (verified against models/manifest.json) and export them to "
+        "the streaming ONNX the daemon runs. scripts/setup runs both.")
     sub = parser.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
     for add in SUBCOMMANDS:
         add(sub)
