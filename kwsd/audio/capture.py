@@ -113,6 +113,9 @@ class _DeviceSource(_Source):
             self.rate = settings.rate or src.rate
             self.channels = settings.channels or max(src.channels, needed)
         else:
+            problem = portaudio.capture_problem(dev)  # before PortAudio, which prints its own failures to stderr
+            if problem is not None:
+                raise DeviceError(problem)
             self.channels = settings.channels or needed
             self.rate = settings.rate or self._probe_rate(sd, device_index)
         if needed > self.channels:
