@@ -520,7 +520,7 @@ class HaEventDiscovery:
             "availability_mode": "all",
             "device": {
                 "identifiers": [self.node_id],
-                "name": f"kwsd {self.node_id}",
+                "name": "kwsd" if self.node_id == "kwsd" else f"kwsd {self.node_id}",  # not "kwsd kwsd"
                 "manufacturer": "kwsd",
                 "model": "wake-word daemon",
                 "sw_version": self.sw_version,
