@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
     for command in subcommands(parser):
+        if {"-v", "--verbose"} & set(command._option_string_actions):
+            continue  # the command has an option of that name itself
         # ``kwsd run -v`` as well as ``kwsd -v run``; SUPPRESS keeps a -v given before the command.
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log at DEBUG level")
