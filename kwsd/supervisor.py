@@ -96,7 +96,7 @@ class Pipeline:
                 start = hub.end(site)
                 self.sites[site] = _SiteState(device=devices.get(site, ""), next_sample=start)
                 self.detector.add_stream(site, start)
-                log.info("site %s: listening on %s", site, devices.get(site, "?"))
+                log.info("site %s: input %s", site, devices.get(site, "?"))  # its state is logged by the input
         for site in [s for s, st in self.sites.items() if not st.satellite and s not in hub.sites()]:
             self._drop(site)
 

@@ -16,7 +16,6 @@ import logging
 import sys
 import threading
 import time
-import wave
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from kwsd.audio import portaudio
 from kwsd.audio.resample import StreamResampler
 from kwsd.audio.ring import Ring
+from kwsd.audio.wavfile import AUDIO_SUFFIXES, AudioFileError, AudioReader
 from kwsd.settings import InputSettings
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def resolve_kind(settings: InputSettings) -> Kind:
     dev = settings.device
     if dev == "-":
         return "stdin"
-    if dev.lower().endswith((".wav", ".wave")) or "/" in dev or Path(dev).is_file():
+    if dev.lower().endswith(AUDIO_SUFFIXES) or "/" in dev or Path(dev).is_file():
         return "file"
     if ":" in dev or dev in _ALSA_WORDS:
         return "alsa"
@@ -113,6 +113,9 @@ class _DeviceSource(_Source):
             self.rate = settings.rate or src.rate
             self.channels = settings.channels or max(src.channels, needed)
         else:
+            problem = portaudio.capture_problem(dev)  # before PortAudio, which prints its own failures to stderr
+            if problem is not None:
+                raise DeviceError(problem)
             self.channels = settings.channels or needed
             self.rate = settings.rate or self._probe_rate(sd, device_index)
         if needed > self.channels:
@@ -190,17 +193,15 @@ class _ReplaySource(_Source):
         self._backlog = backlog
         self._halt = halt
         self._fh: BinaryIO
-        self._wav: wave.Wave_read | None = None
+        self._wav: AudioReader | None = None
         if kind == "file":
             path = Path(settings.device)
             try:
-                self._wav = wave.open(str(path), "rb")
-            except (OSError, EOFError, wave.Error) as exc:
-                raise DeviceError(f"cannot replay {path}: {exc}") from exc
-            if self._wav.getsampwidth() != 2:
-                raise DeviceError(f"cannot replay {path}: only 16-bit PCM WAV is supported")
-            self.rate = self._wav.getframerate()
-            self.channels = self._wav.getnchannels()
+                self._wav = AudioReader(path)
+            except AudioFileError as exc:
+                raise DeviceError(f"cannot replay {exc}") from exc
+            self.rate = self._wav.rate
+            self.channels = self._wav.channels
             if settings.rate and settings.rate != self.rate:
                 raise DeviceError(f"{path} is {self.rate} Hz but the input says rate {settings.rate}")
         else:
@@ -221,7 +222,7 @@ class _ReplaySource(_Source):
 
     def _read(self, frames: int) -> bytes:
         if self._wav is not None:
-            return self._wav.readframes(frames)
+            return self._wav.read_int16(frames)
         return self._fh.read(frames * 2 * self.channels)
 
     def _feed(self) -> None:
@@ -251,7 +252,7 @@ class _ReplaySource(_Source):
                 self.ring.write(frames)
                 self._wake()
                 sent += frames.shape[0]
-        except (OSError, ValueError, wave.Error) as exc:
+        except (OSError, ValueError) as exc:  # AudioFileError is a ValueError
             self.failure = f"reading {self.settings.device}: {exc}"
         self.finished = True
         self._wake()
