@@ -72,7 +72,7 @@ def test_run_v_logs_at_debug(model_path: Path, audio_dir: Path, tmp_path: Path) 
             proc.wait(20)
     text = log.read_text()
     assert proc.returncode == 0, text
-    assert " DEBUG   kwsd.mqtt.client: MQTT reconnect in " in text
+    assert " DEBUG   kwsd.mqtt." in text
     assert " DEBUG   kwsd.kws.decoder: keyword 小云小云 hit" in text
 
 
