@@ -29,7 +29,9 @@ from kwsd.kws.detector import Detection, Detector
 from kwsd.kws.session import ModelError, ModelSession
 from kwsd.metrics import Metrics
 from kwsd.mqtt.client import Publisher
-from kwsd.mqtt.messages import WakeEvent
+from kwsd.mqtt.messages import MessageError, WakeEvent
+from kwsd.review.archive import Archive, model_version
+from kwsd.review.tap import ReviewTap
 from kwsd.segments import Segment, SegmentRecorder
 from kwsd.settings import ConfigError, Settings
 from kwsd.systemd import Notifier, Watchdog
@@ -71,8 +73,11 @@ class Pipeline:
         self.daemon = daemon
         self.settings = settings
         self.session = session
-        self.detector = Detector(session, settings.detector)
+        archive = daemon.archive
+        self.detector = Detector(session, settings.detector,
+                                 near_miss_ratio=settings.review.near_miss_ratio if archive is not None else 0.0)
         self.recorder = SegmentRecorder(settings.segments, SAMPLE_RATE)
+        self.tap = ReviewTap(archive, settings.review.margin, settings.segments.enabled) if archive else None
         self.sites: dict[str, _SiteState] = {}
         self.satellite_audio: dict[str, collections.deque[np.ndarray]] = {}
         self.satellite_lock = threading.Lock()
@@ -104,6 +109,8 @@ class Pipeline:
             del self._rejected[key]
         for seg in self.recorder.flush(site):
             self.daemon.publish_segment(seg)
+        if self.tap is not None:
+            self.tap.drop(site)
         log.info("site %s: removed", site)
 
     def satellite_frame(self, site: str, samples: np.ndarray) -> None:
@@ -159,6 +166,9 @@ class Pipeline:
                 self.daemon.metrics.observe_step(step)
             for hit in hits:
                 self._wake(hit, hub)
+            if self.tap is not None:
+                for miss in self.detector.near_misses():
+                    self.tap.near_miss(miss, self.sites[miss.stream].device)
             offset += ROUND_SAMPLES
             if not any(offset < samples.size for samples, _ in new.values()):
                 break
@@ -188,6 +198,8 @@ class Pipeline:
         self.audio_seconds += samples.size / SAMPLE_RATE
         for seg in self.recorder.feed(site, samples, first):
             self.daemon.publish_segment(seg)
+        if self.tap is not None:
+            self.tap.feed(site, samples, first)
         self.detector.accept(site, samples)
 
     def _wake(self, hit: Detection, hub: AudioHub) -> None:
@@ -218,6 +230,8 @@ class Pipeline:
                  hit.stream, hit.keyword, hit.score, hit.threshold, hit.start, hit.end, event.energy, event.latency)
         self.daemon.publish_wake(event)
         self.recorder.start(hit.stream, session_id, hit.start_sample, hit.end_sample)
+        if self.tap is not None:
+            self.tap.wake(event, hit.start_sample, hit.end_sample)
 
     def _count_rejections(self) -> None:
         for site in self.sites:
@@ -233,6 +247,8 @@ class Pipeline:
     def flush_segments(self) -> None:
         for seg in self.recorder.flush():
             self.daemon.publish_segment(seg)
+        if self.tap is not None:
+            self.tap.flush()
 
 
 def _heartbeats(s: Settings) -> tuple[str, ...]:
@@ -256,6 +272,7 @@ class Daemon:
         self.hub: AudioHub | None = None
         self.publisher: Publisher | None = None
         self.pipeline: Pipeline | None = None
+        self.archive: Archive | None = None
         self._thread: threading.Thread | None = None
         self._ready = False
         self._last_status = 0.0
@@ -285,13 +302,26 @@ class Daemon:
             raise StartupError(f"service.state_dir: cannot create {outbox}: {exc.strerror or exc}") from exc
         pub = Publisher(s.mqtt, outbox, sites, self.stop_event)
         pub.on_toggle = self._on_toggle
+        pub.on_feedback = self._on_feedback
         if self.pipeline is not None:
             pub.on_audio = self.pipeline.satellite_frame
         return pub
 
+    def _make_archive(self, s: Settings) -> Archive | None:
+        if not s.review.enabled:
+            return None
+        assert self.session is not None
+        c = self.session.contract
+        archive = Archive(s.review, s.service.state_path() / "review", metrics=self.metrics,
+                          segments=s.segments.enabled, model_version=model_version(c.source, c.source_sha256),
+                          keywords=[k.wakeword_id for k in s.detector.keywords])
+        archive.start()
+        return archive
+
     def start(self) -> None:
         s = self.settings
         self.session = self._open_session(s)
+        self.archive = self._make_archive(s)
         try:
             self.pipeline = Pipeline(self, s, self.session)
         except KeywordError as exc:
@@ -345,9 +375,18 @@ class Daemon:
         """Runs on the pipeline thread: take a validated new config into use without stopping capture."""
         old = self.settings
         assert self.hub is not None and self.pipeline is not None
-        if new.model != old.model or new.detector != old.detector or new.segments != old.segments:
+        if new.review != old.review or new.service.state_dir != old.service.state_dir:
+            old_archive, self.archive = self.archive, None
+            if old_archive is not None:
+                self.pipeline.flush_segments()
+                old_archive.stop()
+        if (new.model != old.model or new.detector != old.detector or new.segments != old.segments
+                or new.review != old.review or new.service.state_dir != old.service.state_dir):
             session = self.session if new.model == old.model else self._open_session(new)
             assert session is not None
+            self.session = session
+            if self.archive is None:
+                self.archive = self._make_archive(new)
             pipeline = Pipeline(self, new, session)
             self.pipeline.flush_segments()
             self.pipeline = pipeline
@@ -382,11 +421,21 @@ class Daemon:
         if self.publisher is not None and self.pipeline is not None:
             self.publisher.update_sites(list(self.pipeline.sites))
 
+    def _on_feedback(self, site: str, payload: bytes) -> None:
+        """A verdict on ``<prefix>/<site>/feedback`` (publisher thread); MessageError is answered on the error topic."""
+        if self.archive is None:
+            raise MessageError("feedback: the review archive is off (review.enabled: false)")
+        self.archive.feedback(site, payload)
+
     def publish_wake(self, event: WakeEvent) -> None:
+        if self.archive is not None:
+            self.archive.put_wake(event)
         if self.publisher is not None:
             self.publisher.publish_wake(event)
 
     def publish_segment(self, segment: Segment) -> None:
+        if self.archive is not None:
+            self.archive.put_segment(segment)
         if self.publisher is not None:
             self.publisher.publish_segment(segment)
             log.info("segment %s: %.1f s from site %s (%s)", segment.session_id, segment.duration, segment.site,
@@ -399,8 +448,15 @@ class Daemon:
         overruns = sum(st.overruns for st in self.hub.status().values()) if self.hub else 0
         broker = pub.state if pub is not None else "disabled"
         provider = self.session.provider.replace("ExecutionProvider", "") if self.session else "-"
-        return (f"{provider}; {len(p.sites) if p else 0} sites; {p.detections if p else 0} detections; "
+        line = (f"{provider}; {len(p.sites) if p else 0} sites; {p.detections if p else 0} detections; "
                 f"{overruns} overruns; broker {broker}")
+        if self.archive is not None:
+            review = self.archive.summary()
+            rate = review.effective_wake_rate
+            line += f"; {review.false_wakes} false wakes, effective {'-' if rate is None else f'{rate:.0%}'}"
+            if self.archive.errors:
+                line += f", {self.archive.errors} not archived"
+        return line
 
     def _update_metrics(self) -> None:
         if self.hub is not None:
@@ -496,6 +552,8 @@ class Daemon:
             self.hub.stop()
         if self.publisher is not None:
             self.publisher.stop(timeout=2.0)
+        if self.archive is not None:
+            self.archive.stop()
         self.metrics.close()
         log.info("stopped")
 

@@ -42,6 +42,8 @@ _SUM_SLACK = 1e-3
 """Allowed excess of a posterior row's sum over 1 (float32 softmax rounding) in the top-k shortcut."""
 _MAX_PENDING = 256
 """Distinct rejected/suppressed candidates remembered for de-duplication, then folded into counts."""
+NEAR_MISS_SETTLE = 17
+"""Model frames (about 0.5 s) after a near miss's last token peak before it is final: its score can still grow."""
 
 Peaks = tuple[tuple[int, float], ...]
 """Per token of a prefix: (frame, log posterior) of its peak."""
@@ -216,6 +218,7 @@ class KeywordDecoder:
         top_k: int = 3,
         token_floor: float = 0.05,
         refractory_frames: int = 34,
+        near_miss_ratio: float = 0.0,
     ) -> None:
         if not keywords:
             raise KeywordError("no keywords to detect")
@@ -232,6 +235,8 @@ class KeywordDecoder:
         self.top_k = top_k
         self.token_floor = token_floor
         self.refractory_frames = refractory_frames
+        self.near_miss_ratio = near_miss_ratio
+        """Candidates within the duration limits scoring in [ratio x threshold, threshold) are near misses."""
 
         relevant = sorted({t for kw in self.keywords for t in kw.token_ids})
         self._rel = np.array([BLANK_ID, *relevant], dtype=np.intp)
@@ -257,6 +262,8 @@ class KeywordDecoder:
         self._pending_rejects: set[tuple[int, int]] = set()
         self._pending_suppressed: set[tuple[int, int]] = set()
         self._best = [0.0] * len(self.keywords)
+        self._near: dict[int, Hit] = {}  # per keyword: the best near miss of the candidate still forming
+        self._near_done: list[Hit] = []
         self.frames = 0
         """Frames decoded since reset."""
         self.beam_frames = 0
@@ -333,6 +340,7 @@ class KeywordDecoder:
         if rows_idx.size == 0:
             if blank_only.any():
                 self._collapse()
+            self._settle_near()
             return []
 
         hits: list[Hit] = []
@@ -353,6 +361,7 @@ class KeywordDecoder:
         if int(blank_seen[-1]) > seen_before:
             self._collapse()
         self.beam_frames += int(rows_idx.size)
+        self._settle_near()
         return hits
 
     def _members(self, p: npt.NDArray[np.floating]) -> tuple[np.ndarray, np.ndarray]:
@@ -403,6 +412,7 @@ class KeywordDecoder:
         self.frames += n_frames
         if n_frames and blank_only:
             self._collapse()
+        self._settle_near()
 
     def _collapse(self) -> None:
         """Apply a blank-only frame: every prefix now ends in blank. Ranking is unchanged; idempotent."""
@@ -502,6 +512,12 @@ class KeywordDecoder:
                 duration = end - start + 1
                 if score < kw.threshold or not kw.min_frames <= duration <= kw.max_frames:
                     self._note(self._pending_rejects, key, True)
+                    if (self.near_miss_ratio > 0 and score >= self.near_miss_ratio * kw.threshold
+                            and kw.min_frames <= duration <= kw.max_frames
+                            and (self._last_hit_end is None or end - self._last_hit_end >= self.refractory_frames)
+                            and (k not in self._near or score > self._near[k].score)):
+                        self._near[k] = Hit(keyword=kw, score=score, start_frame=start, end_frame=end,
+                                            decided_frame=frame)
                     log.debug("keyword %s rejected at frame %d: score %.3f, %d frames", kw.wakeword_id, frame,
                               score, duration)
                     continue
@@ -520,10 +536,24 @@ class KeywordDecoder:
         self._suppressed += len(self._pending_suppressed)
         self._pending_suppressed.clear()
         self._last_hit_end = best.end_frame
+        self._near.clear()  # the rising edge of this hit, not a miss
         self._reset_search()
         log.debug("keyword %s hit: score %.3f, frames %d-%d", best.keyword.wakeword_id, best.score,
                   best.start_frame, best.end_frame)
         return best
+
+    def take_near_misses(self) -> list[Hit]:
+        """Near misses that became final since the last call (``Hit.score`` below the keyword's threshold)."""
+        done, self._near_done = self._near_done, []
+        return done
+
+    def _settle_near(self) -> None:
+        for k, miss in list(self._near.items()):
+            if self._next_frame - miss.end_frame > NEAR_MISS_SETTLE:
+                del self._near[k]
+                self._near_done.append(miss)
+                log.debug("keyword %s near miss: score %.3f, frames %d-%d", miss.keyword.wakeword_id, miss.score,
+                          miss.start_frame, miss.end_frame)
 
     def _note(self, pending: set[tuple[int, int]], key: tuple[int, int], rejected: bool) -> None:
         pending.add(key)

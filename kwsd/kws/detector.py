@@ -9,6 +9,7 @@ microphone give the same detections whatever the block sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,7 +20,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from kwsd.kws.decoder import Keyword, KeywordDecoder, KeywordError, tokenize
+from kwsd.kws.decoder import Hit, Keyword, KeywordDecoder, KeywordError, tokenize
 from kwsd.kws.features import FeatureStream
 from kwsd.kws.session import ModelSession
 from kwsd.settings import DetectorSettings, KeywordSettings
@@ -47,6 +48,8 @@ class Detection:
     """How much of the stream's audio the detection needed: the model frames up to the deciding one and the
     model's look-ahead (at most the audio accepted). It does not depend on how audio was blocked or batched."""
     sample_rate: int = 16000
+    near_miss: bool = False
+    """A candidate that scored below the threshold but at least ``near_miss_ratio`` of it (not a wake)."""
 
     @property
     def start(self) -> float:
@@ -103,7 +106,8 @@ def build_keywords(settings: Iterable[KeywordSettings], tokens: Sequence[str], f
     return out
 
 
-def new_decoder(keywords: Sequence[Keyword], settings: DetectorSettings, frame_seconds: float) -> KeywordDecoder:
+def new_decoder(keywords: Sequence[Keyword], settings: DetectorSettings, frame_seconds: float,
+                near_miss_ratio: float = 0.0) -> KeywordDecoder:
     """A keyword decoder with the search settings and refractory period of ``settings``.
 
     The one place the config becomes decoder arguments, so the detector's streams and ``kwsd eval`` decode alike.
@@ -112,15 +116,17 @@ def new_decoder(keywords: Sequence[Keyword], settings: DetectorSettings, frame_s
     # Rounded first, so a period that is a whole number of frames is not pushed one frame up by float error.
     refractory = math.ceil(round(settings.refractory / frame_seconds, 9))
     return KeywordDecoder(keywords, beam=settings.beam, top_k=settings.top_k, token_floor=settings.token_floor,
-                          refractory_frames=refractory)
+                          refractory_frames=refractory, near_miss_ratio=near_miss_ratio)
 
 
 class Detector:
     def __init__(self, session: ModelSession, settings: DetectorSettings, *, scan: bool = True,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, near_miss_ratio: float = 0.0) -> None:
         """``scan``: judge each batch's posteriors in one vectorised pass and run only the decoders of streams
         whose frames carry a keyword token (the detections are identical; false decodes every stream).
         ``threads``: threads extracting features in a step; default: the session's (``model.intra_op_threads``).
+        ``near_miss_ratio``: report candidates scoring at least this fraction of the threshold through
+        :meth:`near_misses` (0: none).
         """
         self.session = session
         self.settings = settings
@@ -131,6 +137,11 @@ class Detector:
         self.frame_seconds = self.frame_samples / self.sample_rate
         self.keywords = build_keywords(settings.keywords, c.tokens, self.frame_seconds)
         self.step_frames = max(1, settings.step_frames)
+        self.near_miss_ratio = near_miss_ratio
+        self._near_misses: list[Detection] = []
+        self._site_keywords = {  # a site's threshold replaces every keyword's own there
+            site: [dataclasses.replace(kw, threshold=t) for kw in self.keywords]
+            for site, t in settings.site_thresholds.items()}
         self._streams: dict[str, _Stream] = {}
         self._cache = session.new_cache(0)
         self._free: list[int] = []
@@ -169,12 +180,18 @@ class Detector:
             name=name,
             slot=slot,
             features=FeatureStream(self.contract.features),
-            decoder=self._new_decoder(),
+            decoder=self._new_decoder(name),
             start_sample=start_sample,
         )
 
-    def _new_decoder(self) -> KeywordDecoder:
-        return new_decoder(self.keywords, self.settings, self.frame_seconds)
+    def _new_decoder(self, stream: str | None = None) -> KeywordDecoder:
+        keywords = self._site_keywords.get(stream, self.keywords) if stream is not None else self.keywords
+        return new_decoder(keywords, self.settings, self.frame_seconds, self.near_miss_ratio)
+
+    def near_misses(self) -> list[Detection]:
+        """Near misses (``near_miss`` set, score below the threshold) that became final since the last call."""
+        out, self._near_misses = self._near_misses, []
+        return out
 
     def remove_stream(self, name: str) -> None:
         stream = self._streams.pop(name)
@@ -306,26 +323,15 @@ class Detector:
             s.outputs += frames
             if self.scan and first >= 0 and not busy_l[i]:
                 s.decoder.skip(first, frames, blank_l[i])  # no keyword token in these frames
-                continue
-            p = probs[i]
-            if first < 0:  # outputs before the stream's first frame: the look-ahead warming up
-                p, first = p[-first:], 0
-                if p.shape[0] == 0:
-                    continue
-            for hit in s.decoder.step(p, first):
-                hits.append(Detection(
-                    stream=s.name,
-                    keyword=hit.keyword.phrase,
-                    wakeword_id=hit.keyword.wakeword_id,
-                    score=float(hit.score),
-                    threshold=hit.keyword.threshold,
-                    start_sample=s.start_sample + hit.start_frame * self.frame_samples,
-                    end_sample=s.start_sample + hit.end_frame * self.frame_samples
-                    + self.contract.features.frame_length,
-                    decided_sample=s.start_sample + min(s.samples_in, (hit.decided_frame + delay + 1)
-                                                        * self.frame_samples),
-                    sample_rate=self.sample_rate,
-                ))
+            else:
+                p = probs[i]
+                if first < 0:  # outputs before the stream's first frame: the look-ahead warming up
+                    p, first = p[-first:], 0
+                    if p.shape[0] == 0:
+                        continue
+                hits.extend(self._detection(s, hit) for hit in s.decoder.step(p, first))
+            if self.near_miss_ratio:
+                self._near_misses.extend(self._detection(s, m, near_miss=True) for m in s.decoder.take_near_misses())
         t3 = time.perf_counter()
         self.timing.features += t1 - t0
         self.timing.model += t2 - t1
@@ -333,6 +339,21 @@ class Detector:
         self.timing.steps += 1
         self.timing.frames += frames * len(streams)
         return hits
+
+    def _detection(self, s: _Stream, hit: Hit, near_miss: bool = False) -> Detection:
+        delay = self.contract.delay_frames
+        return Detection(
+            stream=s.name,
+            keyword=hit.keyword.phrase,
+            wakeword_id=hit.keyword.wakeword_id,
+            score=float(hit.score),
+            threshold=hit.keyword.threshold,
+            start_sample=s.start_sample + hit.start_frame * self.frame_samples,
+            end_sample=s.start_sample + hit.end_frame * self.frame_samples + self.contract.features.frame_length,
+            decided_sample=s.start_sample + min(s.samples_in, (hit.decided_frame + delay + 1) * self.frame_samples),
+            sample_rate=self.sample_rate,
+            near_miss=near_miss,
+        )
 
 
 def detect_samples(detector: Detector, name: str, samples: np.ndarray, block: int | None = None

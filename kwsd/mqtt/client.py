@@ -143,6 +143,8 @@ class Publisher:
         self.toggles = ToggleState()
         self.on_toggle: Callable[[str, bool, str], None] | None = None
         self.on_audio: Callable[[str, np.ndarray], None] | None = None
+        self.on_feedback: Callable[[str, bytes], None] | None = None
+        """``(site, payload)`` of ``<prefix>/<siteId>/feedback``; raises MessageError to answer on the error topic."""
         self._sites: tuple[str, ...] = tuple(check_topic_part(s, "site") for s in sites)
         self._announced: tuple[str, ...] = ()
         self._unavailable: set[str] = set()
@@ -301,6 +303,8 @@ class Publisher:
             topics += [HotwordToggle.TOPIC_ON, HotwordToggle.TOPIC_OFF]
         if s.home_assistant.enabled:
             topics.append(f"{s.home_assistant.discovery_prefix}/status")
+        if self.on_feedback is not None:
+            topics.append(f"{s.prefix}/+/feedback")
         if s.satellites.enabled:
             if s.satellites.sites:
                 topics += [AudioFrame.topic(site) for site in s.satellites.sites]
@@ -616,6 +620,8 @@ class Publisher:
         if topic.startswith("hermes/audioServer/"):
             parts = topic.split("/")
             site = parts[2] if len(parts) > 2 else site
+        elif topic.startswith(f"{self.settings.prefix}/") and topic.endswith("/feedback"):
+            site = topic[len(self.settings.prefix) + 1:-len("/feedback")]
         self.publish_error(problem, context=topic, site=site)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
@@ -640,6 +646,9 @@ class Publisher:
             if payload.strip() == ONLINE:
                 log.info("Home Assistant is online: re-announcing discovery")
                 self._announce_pending.set()
+            return
+        if self.on_feedback is not None and topic.startswith(f"{s.prefix}/") and topic.endswith("/feedback"):
+            self.on_feedback(topic[len(s.prefix) + 1:-len("/feedback")], payload)
             return
         if s.satellites.enabled and topic.startswith("hermes/audioServer/"):
             site = AudioFrame.site_from_topic(topic)
