@@ -236,7 +236,8 @@ def test_review_loop_through_the_daemon(broker: Broker, notify: NotifySocket, mo
     assert json.loads(kwsd("review", "list", "--dir", str(review), "--verdict", "none", "--json").stdout) == []
     stats = kwsd("review", "stats", "--dir", str(review))
     print(stats.stdout)
-    window = {(r["site"]): r for r in json.loads(kwsd("review", "stats", "--dir", str(review), "--json").stdout)["window"]}
+    as_json = json.loads(kwsd("review", "stats", "--dir", str(review), "--json").stdout)
+    window = {r["site"]: r for r in as_json["window"]}
     assert window["kitchen"]["wakes"] == 1 and window["kitchen"]["false_wakes"] == 1
     assert window["porch"]["missed_wakes"] == 1 and window["porch"]["effective_wake_rate"] == 0.0
     out = tmp_path / "exported"

@@ -124,6 +124,7 @@ class Archive:
             self._add(entry)
         self._prune(datetime.now(UTC))
         self._enforce_bounds()
+        self._update_figures()
         log.info("review archive %s: %d wakes, %d near misses kept", self.root, len(self._ages["wake"]),
                  len(self._ages["near_miss"]))
         self._thread = supervise("review", self._body, stop=self._stop, liveness=self.liveness, beat_within=5.0,
@@ -211,6 +212,8 @@ class Archive:
                 item = None
             part.beat()
             if item is _STOP:
+                if self._figures_due:
+                    self._update_figures()
                 self._stop.set()
                 return
             if item is not None:
