@@ -299,3 +299,28 @@ def test_archive_that_cannot_write_is_logged_counted_and_detection_goes_on(
         rc = daemon.terminate() if daemon.proc.poll() is None else daemon.proc.returncode
         sub.close()
     assert rc == 0 and "Traceback" not in daemon.text()
+
+
+def test_with_segments_off_the_archive_keeps_the_keyword_and_two_seconds_around_it(
+        broker: Broker, notify: NotifySocket, model_path: Path, audio_dir: Path, tmp_path: Path) -> None:
+    pos = write_wav(tmp_path / "pos.wav", np.concatenate([read_wav(audio_dir / POSITIVE), silence(3.0)]))
+    state, port = tmp_path / "state", free_port()
+    sub = Subscriber(broker, "kwsd/#")
+    daemon = Running(make_config(model_path, state, broker, [file_input(pos, "kitchen")], port,
+                                 segments={"enabled": False}), tmp_path, notify)
+    try:
+        daemon.wait_for(lambda: payloads(sub, "kwsd/kitchen/wake"), 60, "the wake")
+        daemon.wait_for(lambda: any(s.get("audio") for s in sidecars(state / "review", "wakes")), 20, "its clip")
+        [wake] = payloads(sub, "kwsd/kitchen/wake")
+        [side] = sidecars(state / "review", "wakes")
+        assert side["sessionId"] == wake["sessionId"] and "segmentReason" not in side
+        assert side["audioStart"] == pytest.approx(wake["start"] - 2.0, abs=0.001)
+        assert side["duration"] == pytest.approx(wake["end"] - wake["start"] + 4.0, abs=0.05)
+        assert not payloads(sub, "kwsd/kitchen/segment")
+        [again] = detect(state / "review" / "wakes" / side["audio"], model_path)
+        # The keyword sits 2 s into the clip, where the daemon heard it.
+        assert again["start"] == pytest.approx(2.0, abs=0.1)
+    finally:
+        rc = daemon.terminate() if daemon.proc.poll() is None else daemon.proc.returncode
+        sub.close()
+    assert rc == 0
