@@ -168,7 +168,8 @@ class Pipeline:
                 self._wake(hit, hub)
             if self.tap is not None:
                 for miss in self.detector.near_misses():
-                    self.tap.near_miss(miss, self.sites[miss.stream].device)
+                    if miss.stream in self.sites and self.daemon.detection_enabled(miss.stream):
+                        self.tap.near_miss(miss, self.sites[miss.stream].device)
             offset += ROUND_SAMPLES
             if not any(offset < samples.size for samples, _ in new.values()):
                 break

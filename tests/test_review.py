@@ -231,3 +231,24 @@ def test_review_settings_errors_name_the_key(text: str, key: str) -> None:
 def test_config_yaml_documents_the_review_defaults() -> None:
     s = loads((REPO / "config.yaml").read_text(), base_dir=REPO)
     assert s.review == ReviewSettings() and s.detector.site_thresholds == {}
+
+
+def test_a_verdict_marked_with_the_cli_reaches_the_running_archive(tmp_path: Path) -> None:
+    metrics = Metrics()
+    archive = Archive(ReviewSettings(), tmp_path / "review", metrics=metrics, maintenance=0.2)
+    archive.start()
+    try:
+        ev = event()
+        archive.put_wake(ev)
+        deadline = time.monotonic() + 10
+        while not scan(tmp_path / "review") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = subprocess.run([sys.executable, "-m", "kwsd", "review", "mark", "--dir", str(tmp_path / "review"),
+                               ev.session_id, "false_wake"], capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert done.returncode == 0, done.stderr
+        while archive.summary().false_wakes != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert archive.summary().false_wakes == 1
+        assert metrics.summary()["review"]["false_wakes"] == {"kitchen": {"小云小云": 1}}
+    finally:
+        archive.stop()

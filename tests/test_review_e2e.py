@@ -324,3 +324,27 @@ def test_with_segments_off_the_archive_keeps_the_keyword_and_two_seconds_around_
         rc = daemon.terminate() if daemon.proc.poll() is None else daemon.proc.returncode
         sub.close()
     assert rc == 0
+
+
+def test_reload_turns_the_archive_off_and_feedback_is_answered(
+        broker: Broker, notify: NotifySocket, model_path: Path, audio_dir: Path, tmp_path: Path) -> None:
+    pos = write_wav(tmp_path / "pos.wav", np.concatenate([read_wav(audio_dir / POSITIVE), silence(3.0)]))
+    state, port = tmp_path / "state", free_port()
+    sub = Subscriber(broker, "kwsd/#", "hermes/error/#")
+    cfg = make_config(model_path, state, broker, [file_input(pos, "kitchen")], port)
+    daemon = Running(cfg, tmp_path, notify)
+    try:
+        daemon.wait_for(lambda: any(s.get("audio") for s in sidecars(state / "review", "wakes")), 60, "the clip")
+        [wake] = payloads(sub, "kwsd/kitchen/wake")
+        cfg["review"] = {"enabled": False}
+        (tmp_path / "kwsd.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for(lambda: "configuration reloaded" in daemon.text(), 20, "the reload")
+        sub.publish("kwsd/kitchen/feedback", json.dumps({"sessionId": wake["sessionId"], "verdict": "false_wake"}))
+        wait_until(lambda: payloads(sub, "hermes/error/hotword"), 10, "the answer")
+        assert "review archive is off" in payloads(sub, "hermes/error/hotword")[0]["error"]
+        assert sidecars(state / "review", "wakes")[0]["verdict"] is None  # kept as it was, not deleted
+    finally:
+        rc = daemon.terminate() if daemon.proc.poll() is None else daemon.proc.returncode
+        sub.close()
+    assert rc == 0 and "Traceback" not in daemon.text()

@@ -84,7 +84,7 @@ class Archive:
 
     def __init__(self, settings: ReviewSettings, root: Path, *, metrics: Metrics | None = None,
                  segments: bool = True, model_version: str = "", keywords: Sequence[str] = (),
-                 queue_size: int = QUEUE_SIZE) -> None:
+                 queue_size: int = QUEUE_SIZE, maintenance: float = MAINTENANCE_SECONDS) -> None:
         self.settings = settings
         self.root = root
         self.metrics = metrics
@@ -92,6 +92,8 @@ class Archive:
         """Whether follow-up segments come for wakes (else the pipeline's tap sends a clip)."""
         self.model_version = model_version
         self.keywords = tuple(keywords)
+        self.maintenance = maintenance
+        """Seconds between looks at sidecars changed on disk (``kwsd review mark``) and at ``max_days``."""
         self.liveness = Liveness()
         self.errors = 0
         """Entries or audio that could not be written, plus hand-offs dropped because the queue was full."""
@@ -192,7 +194,8 @@ class Archive:
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            self.errors += 1
+            with self._lock:
+                self.errors += 1
             if self.metrics is not None:
                 self.metrics.review_error("queue_full")
             now = time.monotonic()
@@ -204,10 +207,10 @@ class Archive:
     # -- the writer thread -------------------------------------------------------------------------------------
 
     def _body(self, part: Part) -> None:
-        next_maintenance = time.monotonic() + MAINTENANCE_SECONDS
+        next_maintenance = time.monotonic() + self.maintenance
         while True:
             try:
-                item = self._queue.get(timeout=1.0)
+                item = self._queue.get(timeout=min(1.0, self.maintenance))
             except queue.Empty:
                 item = None
             part.beat()
@@ -220,7 +223,7 @@ class Archive:
                 self._handle(item)
             now = time.monotonic()
             if now >= next_maintenance:
-                next_maintenance = now + MAINTENANCE_SECONDS
+                next_maintenance = now + self.maintenance
                 self._refresh()
                 self._prune(datetime.now(UTC))
             if self._figures_due and self._queue.empty():
@@ -297,10 +300,13 @@ class Archive:
         if not keep_sidecar:
             with contextlib.suppress(OSError):
                 entry.path.unlink()
+            with self._lock:  # feedback on it is answered as unknown
+                self._known.pop(entry.session_id, None)
         self._write_error(f"cannot write to {folder}: {exc.strerror or exc}")
 
     def _write_error(self, message: str) -> None:
-        self.errors += 1
+        with self._lock:
+            self.errors += 1
         if self.metrics is not None:
             self.metrics.review_error("write")
         self._write_errors.error(message, context=f" ({self.errors} not kept so far; detection goes on)")
