@@ -138,8 +138,15 @@ class Metrics:
     def near_miss(self, site: str, keyword: str) -> None:
         self.near_misses.labels(site=site, keyword=keyword).inc()
 
-    def set_effective_wake_rate(self, site: str, keyword: str, rate: float) -> None:
-        self.effective_wake_rate.labels(site=site, keyword=keyword).set(rate)
+    def set_effective_wake_rate(self, site: str, keyword: str, rate: float | None) -> None:
+        """None removes the series (nothing requested in the window)."""
+        if rate is None:
+            try:
+                self.effective_wake_rate.remove(site, keyword)
+            except KeyError:
+                pass
+        else:
+            self.effective_wake_rate.labels(site=site, keyword=keyword).set(rate)
 
     def review_error(self, reason: str) -> None:
         """``write`` (disk full, folder not writable) or ``queue_full`` (the archive fell behind)."""

@@ -111,6 +111,7 @@ class Archive:
         self._queue_full_logged = 0.0
         self._figures_due = True
         self._summary = Figures()
+        self._rated: set[tuple[str, str]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -436,12 +437,18 @@ class Archive:
         since = datetime.now(UTC) - timedelta(days=self.settings.window_days)
         per_site = figures(self._index.values(), since)
         total = Figures()
+        rated: set[tuple[str, str]] = set()
         for (site, keyword, _day), fig in per_site.items():
             for name in ("wakes", "false_wakes", "confirmed_wakes", "missed_wakes", "near_misses"):
                 setattr(total, name, getattr(total, name) + getattr(fig, name))
             rate = fig.effective_wake_rate
             if rate is not None and self.metrics is not None:
                 self.metrics.set_effective_wake_rate(site, keyword, rate)
+                rated.add((site, keyword))
+        if self.metrics is not None:
+            for site, keyword in self._rated - rated:  # out of the window, or evicted
+                self.metrics.set_effective_wake_rate(site, keyword, None)
+        self._rated = rated
         self._summary = total
 
     def summary(self) -> Figures:

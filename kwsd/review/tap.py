@@ -46,7 +46,9 @@ class _Ring:
     def write(self, samples: np.ndarray, first: int) -> None:
         if first != self.end:  # a gap (audio lost, stream restarted): what was held no longer lines up
             self.start = self.end = first
-        block = np.clip(np.asarray(samples).reshape(-1), -32768, 32767).astype(np.int16)
+        block = np.asarray(samples).reshape(-1)
+        if block.dtype != np.int16:  # capture gives int16; float audio (on the int16 scale) is clipped
+            block = np.clip(block, -32768, 32767).astype(np.int16)
         cap = len(self.buf)
         if len(block) >= cap:
             block, first = block[-cap:], first + len(block) - cap
