@@ -377,10 +377,10 @@ class Daemon:
         old = self.settings
         assert self.hub is not None and self.pipeline is not None
         if new.review != old.review or new.service.state_dir != old.service.state_dir:
-            old_archive, self.archive = self.archive, None
-            if old_archive is not None:
-                self.pipeline.flush_segments()
-                old_archive.stop()
+            if self.archive is not None:
+                self.pipeline.flush_segments()  # what is in progress still reaches the old archive
+                self.archive.stop()
+            self.archive = None
         if (new.model != old.model or new.detector != old.detector or new.segments != old.segments
                 or new.review != old.review or new.service.state_dir != old.service.state_dir):
             session = self.session if new.model == old.model else self._open_session(new)

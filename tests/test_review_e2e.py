@@ -348,3 +348,30 @@ def test_reload_turns_the_archive_off_and_feedback_is_answered(
         rc = daemon.terminate() if daemon.proc.poll() is None else daemon.proc.returncode
         sub.close()
     assert rc == 0 and "Traceback" not in daemon.text()
+
+
+def test_the_daemon_keeps_the_archive_in_its_bound_oldest_out_first(
+        broker: Broker, notify: NotifySocket, model_path: Path, audio_dir: Path, tmp_path: Path) -> None:
+    keyword = read_wav(audio_dir / POSITIVE)
+    twice = write_wav(tmp_path / "twice.wav", np.concatenate([keyword, silence(2.0), keyword, silence(3.0)]))
+    state, port = tmp_path / "state", free_port()
+    review = state / "review"
+    sub = Subscriber(broker, "kwsd/#", "hermes/error/#")
+    # One wake's clip (about 4.6 s, 150 kB) fits in 200 kB, two do not.
+    daemon = Running(make_config(model_path, state, broker, [file_input(twice, "kitchen")], port,
+                                 review={"max_bytes": 200_000}), tmp_path, notify)
+    try:
+        daemon.wait_for(lambda: len(payloads(sub, "kwsd/kitchen/segment")) >= 2, 60, "both segments")
+        first, second = (w["sessionId"] for w in payloads(sub, "kwsd/kitchen/wake"))
+        daemon.wait_for(lambda: [s["sessionId"] for s in sidecars(review, "wakes")] == [second], 10,
+                        "the first wake evicted")
+        assert len(list((review / "wakes").glob("*.wav"))) == 1
+        wait_until(lambda: scrape(port).get(("kwsd_review_bytes", (("kind", "wake"),)), 0) > 0, 10, "the gauge")
+        assert scrape(port)[("kwsd_review_bytes", (("kind", "wake"),))] <= 200_000
+        sub.publish("kwsd/kitchen/feedback", json.dumps({"sessionId": first, "verdict": "false_wake"}))
+        wait_until(lambda: payloads(sub, "hermes/error/hotword"), 10, "the answer")
+        assert "unknown sessionId" in payloads(sub, "hermes/error/hotword")[0]["error"]
+    finally:
+        rc = daemon.terminate() if daemon.proc.poll() is None else daemon.proc.returncode
+        sub.close()
+    assert rc == 0
