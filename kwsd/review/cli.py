@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import sys
+import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +46,12 @@ def _archive(args: argparse.Namespace) -> tuple[Path, settings_mod.Settings]:
     if not root.is_dir():
         raise _Usage(f"no review archive at {root} (review.enabled, service.state_dir; or give --dir)")
     return root, s
+
+
+def _pad(text: str, width: int) -> str:
+    """``text`` left-aligned in ``width`` terminal columns (CJK characters take two)."""
+    used = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    return text + " " * max(0, width - used)
 
 
 def _date(text: str) -> datetime:
@@ -96,7 +103,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         threshold = e.data.get("threshold")
         thr = f"{threshold:.3f}" if isinstance(threshold, int | float) and e.kind != "report" else "-"
         audio = e.audio.name if e.audio is not None else "-"
-        print(f"{e.time.strftime('%Y-%m-%d %H:%M:%S'):<19}  {e.kind:<9} {e.site:<12} {score:>6} {thr:>6}  "
+        print(f"{e.time.strftime('%Y-%m-%d %H:%M:%S'):<19}  {e.kind:<9} {_pad(e.site, 12)} {score:>6} {thr:>6}  "
               f"{e.verdict or '-':<10} {e.session_id:<32}  {audio}")
     print(f"{len(entries)} entries in {root}")
     return 0
@@ -165,8 +172,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     def row(site: str, keyword: str, day: str, f: Figures) -> str:
         rate = f.effective_wake_rate
-        return (f"{site:<12} {keyword:<10} {day:<10} {f.wakes:>5} {f.false_wakes:>5} {f.confirmed_wakes:>9} "
-                f"{f.missed_wakes:>6} {f.unreviewed:>10} {f.near_misses:>11} "
+        return (f"{_pad(site, 12)} {_pad(keyword, 10)} {day:<10} {f.wakes:>5} {f.false_wakes:>5} "
+                f"{f.confirmed_wakes:>9} {f.missed_wakes:>6} {f.unreviewed:>10} {f.near_misses:>11} "
                 f"{'-' if rate is None else f'{rate:.1%}':>9}")
 
     for (site, keyword, day), f in sorted(daily.items()):
