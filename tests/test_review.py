@@ -252,3 +252,28 @@ def test_a_verdict_marked_with_the_cli_reaches_the_running_archive(tmp_path: Pat
         assert metrics.summary()["review"]["false_wakes"] == {"kitchen": {"小云小云": 1}}
     finally:
         archive.stop()
+
+
+def test_fuzzed_feedback_is_a_message_error_or_a_verdict_never_a_crash(tmp_path: Path) -> None:
+    rng = np.random.default_rng(14)
+    archive = Archive(ReviewSettings(), tmp_path / "review")
+    archive.start()
+    ev = event()
+    archive.put_wake(ev)
+    pieces = [b'{"sessionId": ', json.dumps(ev.session_id).encode(), b'"verdict"', b': ', b'"false_wake"', b'"missed"',
+              b'null', b'[', b']', b'{', b'}', b',', b'"', b'\\u0000', "小云".encode(), b'\xff', b'1e999', b'true']
+    accepted = rejected = 0
+    try:
+        for _ in range(2000):
+            payload = b"".join(pieces[i] for i in rng.integers(0, len(pieces), rng.integers(0, 12)))
+            try:
+                archive.feedback("kitchen", payload)
+                accepted += 1
+            except MessageError:
+                rejected += 1
+        for verdict in ("false_wake", "wake"):  # well-formed ones still work afterwards
+            archive.feedback("kitchen", json.dumps({"sessionId": ev.session_id, "verdict": verdict}).encode())
+    finally:
+        archive.stop()
+    assert rejected > 1900 and accepted + rejected == 2000
+    assert scan(tmp_path / "review")[0].verdict == "wake"
