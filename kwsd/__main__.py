@@ -16,6 +16,7 @@ COMMANDS: tuple[str, ...] = (
     "kwsd.kws.cli",
     "kwsd.audio.cli",
     "kwsd.app",
+    "kwsd.review.cli",
 )
 
 

@@ -80,6 +80,23 @@ class Metrics:
             registry=reg,
         )
         self.streams = Gauge("streams", "Audio streams being decoded", namespace=namespace, registry=reg)
+        # The review loop (kwsd/review): verdicts fed back, and the effective wake rate over review.window_days.
+        site_kw = ["site", "keyword"]
+        self.false_wakes = Counter("false_wakes", "Wakes marked false_wake", site_kw, namespace=namespace,
+                                   registry=reg)
+        self.confirmed_wakes = Counter("confirmed_wakes", "Wakes marked wake (confirmed)", site_kw,
+                                       namespace=namespace, registry=reg)
+        self.missed_wakes = Counter("missed_wakes", "Missed wakes reported (near misses marked missed, reports)",
+                                    site_kw, namespace=namespace, registry=reg)
+        self.near_misses = Counter("near_misses", "Candidates kept as near misses (just below the threshold)",
+                                   site_kw, namespace=namespace, registry=reg)
+        self.effective_wake_rate = Gauge("effective_wake_rate",
+                                         "(wakes - false wakes) / wakes requested over review.window_days",
+                                         site_kw, namespace=namespace, registry=reg)
+        self.review_errors = Counter("review_errors", "Wakes or near misses the archive could not keep",
+                                     ["reason"], namespace=namespace, registry=reg)
+        self.review_bytes = Gauge("review_bytes", "Bytes kept in the review archive", ["kind"],
+                                  namespace=namespace, registry=reg)
         self._lock = threading.Lock()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -113,6 +130,31 @@ class Metrics:
     def set_streams(self, count: int) -> None:
         self.streams.set(count)
 
+    def verdict(self, site: str, keyword: str, verdict: str) -> None:
+        """A verdict recorded in the review archive (``false_wake``, ``wake``, ``missed``)."""
+        counter = {"false_wake": self.false_wakes, "wake": self.confirmed_wakes, "missed": self.missed_wakes}
+        counter[verdict].labels(site=site, keyword=keyword).inc()
+
+    def near_miss(self, site: str, keyword: str) -> None:
+        self.near_misses.labels(site=site, keyword=keyword).inc()
+
+    def set_effective_wake_rate(self, site: str, keyword: str, rate: float | None) -> None:
+        """None removes the series (nothing requested in the window)."""
+        if rate is None:
+            try:
+                self.effective_wake_rate.remove(site, keyword)
+            except KeyError:
+                pass
+        else:
+            self.effective_wake_rate.labels(site=site, keyword=keyword).set(rate)
+
+    def review_error(self, reason: str) -> None:
+        """``write`` (disk full, folder not writable) or ``queue_full`` (the archive fell behind)."""
+        self.review_errors.labels(reason=reason).inc()
+
+    def set_review_bytes(self, kind: str, size: int) -> None:
+        self.review_bytes.labels(kind=kind).set(size)
+
     # --- reading -------------------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
@@ -142,6 +184,11 @@ class Metrics:
             return samples.get((name, ()), 0.0)
 
         ns = self._prefix
+        rates: dict[str, dict[str, float]] = {}
+        for (sample_name, label_items), value in samples.items():
+            if sample_name == f"{ns}effective_wake_rate":
+                labels = dict(label_items)
+                rates.setdefault(labels["site"], {})[labels["keyword"]] = round(value, 4)
         count = int(scalar(f"{ns}inference_step_seconds_count"))
         total = scalar(f"{ns}inference_step_seconds_sum")
         return {
@@ -154,6 +201,14 @@ class Metrics:
             "inference_step": {"count": count, "mean_ms": round(1000 * total / count, 3) if count else None},
             "real_time_factor": round(scalar(f"{ns}real_time_factor"), 4),
             "streams": int(scalar(f"{ns}streams")),
+            "review": {
+                "false_wakes": by(f"{ns}false_wakes_total", "site", "keyword"),
+                "confirmed_wakes": by(f"{ns}confirmed_wakes_total", "site", "keyword"),
+                "missed_wakes": by(f"{ns}missed_wakes_total", "site", "keyword"),
+                "near_misses": by(f"{ns}near_misses_total", "site", "keyword"),
+                "effective_wake_rate": rates,
+                "errors": by(f"{ns}review_errors_total", "reason"),
+            },
         }
 
     # --- HTTP endpoint -------------------------------------------------------------------------------------

@@ -83,6 +83,14 @@ class DetectorSettings:
     token_floor: float = 0.01
     """Tokens below this posterior are ignored. Low enough that one keyword syllable the model half-hears
     (e.g. 小 heard as 导 at 0.02) can still complete the keyword; the threshold then decides."""
+    site_thresholds: dict[str, float] = field(default_factory=dict)
+    """siteId -> threshold used on that site instead of every keyword's own (a noisy room, a far microphone);
+    ``kwsd review stats`` shows which sites need one."""
+
+    def validate(self, key: str) -> None:
+        for site, threshold in self.site_thresholds.items():
+            if not 0.0 < threshold <= 1.0:
+                raise ConfigError(f"{key}.site_thresholds.{site}", f"must be in (0, 1], got {threshold}")
 
 
 # --- audio inputs (kwsd/audio) ---------------------------------------------------------------------------------
@@ -381,6 +389,41 @@ class SegmentSettings:
             raise ConfigError(f"{k}max_length", f"must be longer than pre_roll ({self.pre_roll} s)")
 
 
+# --- review archive (kwsd/review) -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    """The wake archive: each wake's audio and figures kept under ``<state folder>/review`` for review."""
+
+    enabled: bool = True
+    """Keep every wake (and near miss) as a WAV with a JSON sidecar; false keeps no audio at all."""
+    max_bytes: int = 256 * 1024 * 1024
+    """Bound on the wakes' WAV and sidecar bytes; the oldest wakes are removed first beyond it."""
+    max_days: float = 30.0
+    """Wakes and near misses older than this many days are removed."""
+    near_miss_ratio: float = 0.7
+    """Candidates scoring at least this fraction of the threshold (and below it) are kept as near misses;
+    0 keeps none."""
+    near_miss_max_bytes: int = 32 * 1024 * 1024
+    """Bound on the near misses' bytes, on its own (oldest removed first)."""
+    margin: float = 2.0
+    """Seconds kept before and after the keyword when there is no follow-up segment (segments off, near
+    misses)."""
+    window_days: float = 7.0
+    """Days over which the effective wake rate is computed (metrics, status, ``kwsd review stats``)."""
+
+    def validate(self, key: str) -> None:
+        for name in ("max_bytes", "near_miss_max_bytes"):
+            if getattr(self, name) < 65536:
+                raise ConfigError(f"{key}.{name}", f"must be at least 65536 bytes, got {getattr(self, name)}")
+        for name in ("max_days", "window_days", "margin"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.near_miss_ratio < 1.0:
+            raise ConfigError(f"{key}.near_miss_ratio", f"must be in [0, 1), got {self.near_miss_ratio}")
+
+
 # --- service: state, metrics, logging (kwsd/app.py, kwsd/metrics.py, kwsd/logs.py) -----------------------------
 
 
@@ -442,6 +485,7 @@ class Settings:
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     segments: SegmentSettings = field(default_factory=SegmentSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    review: ReviewSettings = field(default_factory=ReviewSettings)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -46,6 +46,14 @@ def _record(m: Metrics) -> None:
         m.observe_step(seconds)
     m.set_real_time_factor(0.031)
     m.set_streams(2)
+    m.verdict("kitchen", "小云小云", "false_wake")
+    m.verdict("kitchen", "小云小云", "wake")
+    m.verdict("hall", "小云小云", "missed")
+    m.near_miss("hall", "小云小云")
+    m.near_miss("hall", "小云小云")
+    m.set_effective_wake_rate("kitchen", "小云小云", 0.5)
+    m.set_effective_wake_rate("hall", "小云小云", 0.0)
+    m.review_error("write")
 
 
 def test_endpoint_over_loopback() -> None:
@@ -99,6 +107,8 @@ def test_summary_for_the_status_topic() -> None:
         "inference_step": {"count": 0, "mean_ms": None},
         "real_time_factor": 0.0,
         "streams": 0,
+        "review": {"false_wakes": {}, "confirmed_wakes": {}, "missed_wakes": {}, "near_misses": {},
+                   "effective_wake_rate": {}, "errors": {}},
     }
     _record(m)
     assert m.summary() == {
@@ -111,6 +121,10 @@ def test_summary_for_the_status_topic() -> None:
         "inference_step": {"count": 4, "mean_ms": 49.375},
         "real_time_factor": 0.031,
         "streams": 2,
+        "review": {"false_wakes": {"kitchen": {"小云小云": 1}}, "confirmed_wakes": {"kitchen": {"小云小云": 1}},
+                   "missed_wakes": {"hall": {"小云小云": 1}}, "near_misses": {"hall": {"小云小云": 2}},
+                   "effective_wake_rate": {"kitchen": {"小云小云": 0.5}, "hall": {"小云小云": 0.0}},
+                   "errors": {"write": 1}},
     }
 
 

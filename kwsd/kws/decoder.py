@@ -45,6 +45,8 @@ _SUM_SLACK = 1e-3
 """Allowed excess of a posterior row's sum over 1 (float32 softmax rounding) in the top-k shortcut."""
 _MAX_PENDING = 256
 """Distinct rejected/suppressed candidates remembered for de-duplication, then folded into counts."""
+NEAR_MISS_SETTLE = 17
+"""Model frames (about 0.5 s) after a near miss's last token peak before it is final: its score can still grow."""
 
 Peaks = tuple[tuple[int, float], ...]
 """Per token of a prefix: (frame, log posterior) of its peak."""
@@ -218,8 +220,11 @@ def _stale_count(peaks: Peaks, horizon: int) -> int:
 class _Search:
     """The prefix beam search of one keyword, its refractory period and its candidate counts."""
 
-    def __init__(self, keyword: Keyword, columns: tuple[int, ...], token_ids: tuple[int, ...]) -> None:
+    def __init__(self, keyword: Keyword, columns: tuple[int, ...], token_ids: tuple[int, ...],
+                 near_miss_ratio: float = 0.0) -> None:
         self.keyword = keyword
+        self.near_floor = near_miss_ratio * keyword.threshold if near_miss_ratio > 0 else math.inf
+        """Candidates in [near_floor, threshold) within the shape limits are near misses."""
         self.columns = columns
         """Positions of blank and of this keyword's distinct tokens among the decoder's relevant columns."""
         self.token_ids = token_ids
@@ -241,6 +246,8 @@ class _Search:
         self.pending_suppressed: set[int] = set()
         self.best = 0.0
         self.best_shaped = 0.0  # best candidate within the keyword's span and gap limits
+        self.near: Hit | None = None  # the best near miss of the candidate still forming
+        self.near_done: list[Hit] = []
 
     def reset_search(self) -> None:
         self.hyps: dict[tuple[int, ...], _Hyp] = {(): [0.0, _NEG_INF, 0.0, (), _NEG_INF, ()]}
@@ -345,6 +352,10 @@ class _Search:
                 self.best_shaped = score
             if score < kw.threshold or not shaped:
                 self._note(self.pending_rejects, start, True)
+                if (shaped and score >= self.near_floor
+                        and (self.last_hit_end is None or end - self.last_hit_end >= refractory)
+                        and (self.near is None or score > self.near.score)):
+                    self.near = Hit(keyword=kw, score=score, start_frame=start, end_frame=end, decided_frame=frame)
                 log.debug("keyword %s rejected at frame %d: score %.3f, %d frames, peaks %s", kw.wakeword_id,
                           frame, score, duration, [f for f, _ in run])
                 continue
@@ -360,10 +371,20 @@ class _Search:
         self.pending_suppressed.discard(best.start_frame)
         self.fold()
         self.last_hit_end = best.end_frame
+        self.near = None  # the rising edge of this hit, not a miss
         self.reset_search()
         log.debug("keyword %s hit: score %.3f, frames %d-%d", kw.wakeword_id, best.score, best.start_frame,
                   best.end_frame)
         return best
+
+    def settle(self, next_frame: int) -> None:
+        """Make the near miss final once ``NEAR_MISS_SETTLE`` frames past its last peak were decoded."""
+        miss = self.near
+        if miss is not None and next_frame - miss.end_frame > NEAR_MISS_SETTLE:
+            self.near = None
+            self.near_done.append(miss)
+            log.debug("keyword %s near miss: score %.3f, frames %d-%d", miss.keyword.wakeword_id, miss.score,
+                      miss.start_frame, miss.end_frame)
 
     def _note(self, pending: set[int], start: int, rejected: bool) -> None:
         pending.add(start)
@@ -393,6 +414,7 @@ class KeywordDecoder:
         top_k: int = 3,
         token_floor: float = 0.05,
         refractory_frames: int = 34,
+        near_miss_ratio: float = 0.0,
     ) -> None:
         if not keywords:
             raise KeywordError("no keywords to detect")
@@ -410,6 +432,10 @@ class KeywordDecoder:
         self.token_floor = token_floor
         self.refractory_frames = refractory_frames
         """Frames after a keyword's hit (from its last peak) during which the same keyword cannot fire again."""
+        if not 0.0 <= near_miss_ratio < 1.0:
+            raise ValueError(f"near_miss_ratio {near_miss_ratio!r} is not in [0, 1)")
+        self.near_miss_ratio = near_miss_ratio
+        """Candidates within the shape limits scoring in [ratio x threshold, threshold) are near misses (0: none)."""
 
         relevant = sorted({t for kw in self.keywords for t in kw.token_ids})
         self._rel = np.array([BLANK_ID, *relevant], dtype=np.intp)
@@ -419,7 +445,7 @@ class KeywordDecoder:
         self._searches = []
         for kw in self.keywords:
             own = (BLANK_ID, *sorted(set(kw.token_ids)))
-            self._searches.append(_Search(kw, tuple(position[t] for t in own), own))
+            self._searches.append(_Search(kw, tuple(position[t] for t in own), own, near_miss_ratio))
         # A token at or above this posterior is certainly among the top k of a row summing to at most
         # 1 + slack: fewer than k other tokens can each exceed it. Only rows with a relevant token
         # between the floor and this bound need an exact rank check.
@@ -474,6 +500,26 @@ class KeywordDecoder:
             raise KeywordError(f"wakeword_id {wakeword_id!r} is not one of this decoder's keywords")
         return max(scores)
 
+    def take_near_misses(self, final: bool = False) -> list[Hit]:
+        """Near misses that became final since the last call (``Hit.score`` below the keyword's threshold), in
+        the order of their last peak. A near miss is final ``NEAR_MISS_SETTLE`` frames after its last peak, if it
+        did not grow into a hit by then; none are kept within the refractory period after a hit. ``final``: the
+        stream ended, the near misses still forming are final too."""
+        done: list[Hit] = []
+        for search in self._searches:
+            if final and search.near is not None:
+                search.settle(search.near.end_frame + NEAR_MISS_SETTLE + 1)
+            if search.near_done:
+                done.extend(search.near_done)
+                search.near_done = []
+        done.sort(key=lambda h: h.end_frame)
+        return done
+
+    def _settle(self) -> None:
+        if self.near_miss_ratio:
+            for search in self._searches:
+                search.settle(self._next_frame)
+
     # --- decoding --------------------------------------------------------------------------------
 
     @property
@@ -523,6 +569,11 @@ class KeywordDecoder:
 
     def step_columns(self, cols: npt.NDArray[np.floating], first_frame: int) -> list[Hit]:
         """:meth:`step` on what :meth:`columns` kept of the posteriors."""
+        hits = self._step_columns(cols, first_frame)
+        self._settle()
+        return hits
+
+    def _step_columns(self, cols: npt.NDArray[np.floating], first_frame: int) -> list[Hit]:
         c = np.asarray(cols)
         if c.ndim != 2 or c.shape[1] != len(self._rel) + 1:
             raise ValueError(f"keyword columns must be [frames, {len(self._rel) + 1}], got shape {c.shape}")
@@ -621,3 +672,4 @@ class KeywordDecoder:
         if n_frames and blank_only:
             for search in self._searches:
                 search.collapse()
+        self._settle()

@@ -19,9 +19,11 @@ same detections whatever the block sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from kwsd.kws.decoder import Hit, Keyword, KeywordDecoder, KeywordError, tokenize
+from kwsd.kws.decoder import NEAR_MISS_SETTLE, Hit, Keyword, KeywordDecoder, KeywordError, tokenize
 from kwsd.kws.features import FbankStream, LfrStacker
 from kwsd.kws.session import ModelSession
 from kwsd.settings import DetectorSettings, KeywordSettings
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 _EXTRACT_MIN = 16
 """Fewest streams per thread worth handing feature extraction to a thread of its own."""
+_NEAR_JOIN = 4
+"""Model frames by which the phases' near misses of one utterance may end apart and still be judged together."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,9 @@ class Detection:
     """How much of the stream's audio the detection needed: the model frames up to the deciding one and the
     model's look-ahead (at most the audio accepted). It does not depend on how audio was blocked or batched."""
     sample_rate: int = 16000
+    near_miss: bool = False
+    """A candidate that scored below the threshold but at least ``near_miss_ratio`` of it on its best phase,
+    while no phase fired (not a wake)."""
 
     @property
     def start(self) -> float:
@@ -115,6 +122,13 @@ class _Held:
     hit: Hit
 
 
+@dataclass
+class _Near:
+    end: int  # 10 ms frame of the first phase's near miss's last peak
+    phase: int
+    hit: Hit
+
+
 class PhasedDecoder:
     """The keyword decoders of one stream's LFR phases, and the fusion of their hits into one per utterance.
 
@@ -122,6 +136,10 @@ class PhasedDecoder:
     until every phase has decoded one more model frame; the other phases' hits of it until then are the same
     utterance, and the best-scoring one is reported. Later hits of the keyword within the refractory period of the
     reported one are dropped (the same utterance heard late by another phase).
+
+    Near misses (:meth:`fuse_near`) are fused the same way, later: a phase's near miss is final some frames after
+    its last peak, so the group is judged once every phase is past that point. It is reported with the best
+    phase's score only if no phase fired the keyword within the refractory period around it.
     """
 
     def __init__(self, decoders: Sequence[KeywordDecoder], stride: int = 3) -> None:
@@ -130,6 +148,9 @@ class PhasedDecoder:
         self.refractory = decoders[0].refractory_frames * stride  # 10 ms frames
         self._last_end: dict[str, int] = {}  # per keyword, the end (10 ms frames) of its last reported hit
         self._held: dict[str, _Held] = {}
+        self._hit_ends: dict[str, deque[int]] = {}  # per keyword, the ends (10 ms frames) of recent hits
+        self._near: dict[str, _Near] = {}  # per keyword, the near miss being fused
+        self._last_near: dict[str, int] = {}  # per keyword, the end of its last reported near miss
 
     def fuse(self, found: Sequence[tuple[int, Hit]], last_frame: int | None) -> list[PhaseHit]:
         """Add the phases' hits ``(phase, hit)`` of frames up to ``last_frame`` (the last model frame every phase
@@ -157,8 +178,52 @@ class PhasedDecoder:
 
     def _release(self, wid: str) -> PhaseHit:
         held = self._held.pop(wid)
-        self._last_end[wid] = self.stride * held.hit.end_frame + held.phase
+        end = self.stride * held.hit.end_frame + held.phase
+        self._last_end[wid] = end
+        self._hit_ends.setdefault(wid, deque(maxlen=8)).append(end)
         return PhaseHit(held.phase, held.hit, held.first)
+
+    def take_near(self, last_frame: int | None) -> list[PhaseHit]:
+        """The phases' final near misses (:meth:`KeywordDecoder.take_near_misses`), fused; call after
+        :meth:`fuse` with the same ``last_frame``."""
+        final = last_frame is None
+        return self.fuse_near(
+            [(p, m) for p, dec in enumerate(self.decoders) for m in dec.take_near_misses(final)], last_frame)
+
+    def fuse_near(self, found: Sequence[tuple[int, Hit]], last_frame: int | None) -> list[PhaseHit]:
+        """Add the phases' near misses ``(phase, hit)`` and return the fused near misses now complete."""
+        stride = self.stride
+        out: list[PhaseHit] = []
+        for phase, miss in sorted(found, key=lambda ph: (stride * ph[1].end_frame + ph[0], ph[0])):
+            wid = miss.keyword.wakeword_id
+            end = stride * miss.end_frame + phase
+            near = self._near.get(wid)
+            if near is not None and end - near.end >= self.refractory:
+                self._release_near(wid, out)
+                near = None
+            if near is not None:
+                if miss.score > near.hit.score:
+                    near.phase, near.hit = phase, miss
+                continue
+            last = self._last_near.get(wid)
+            if last is not None and end - last < self.refractory:
+                continue  # the same candidate, final later on another phase
+            self._near[wid] = _Near(end, phase, miss)
+        for wid in [w for w, n in self._near.items()
+                    if last_frame is None or last_frame > n.end // stride + NEAR_MISS_SETTLE + _NEAR_JOIN]:
+            self._release_near(wid, out)
+        return out
+
+    def _release_near(self, wid: str, out: list[PhaseHit]) -> None:
+        near = self._near.pop(wid)
+        self._last_near[wid] = near.end
+        ends = list(self._hit_ends.get(wid, ()))
+        held = self._held.get(wid)
+        if held is not None:
+            ends.append(self.stride * held.hit.end_frame + held.phase)
+        if any(abs(near.end - e) < self.refractory for e in ends):
+            return  # a phase fired: the candidate was heard
+        out.append(PhaseHit(near.phase, near.hit, self.stride * near.hit.decided_frame + near.phase))
 
     def best_score(self, wakeword_id: str | None = None, shaped: bool = False) -> float:
         """Best candidate score over every phase (fired, rejected or suppressed); 0 if none."""
@@ -198,26 +263,29 @@ def build_keywords(settings: Iterable[KeywordSettings], tokens: Sequence[str], f
     return out
 
 
-def new_decoder(keywords: Sequence[Keyword], settings: DetectorSettings, frame_seconds: float) -> KeywordDecoder:
+def new_decoder(keywords: Sequence[Keyword], settings: DetectorSettings, frame_seconds: float,
+                near_miss_ratio: float = 0.0) -> KeywordDecoder:
     """A keyword decoder with the search settings and refractory period of ``settings``.
 
     The one place the config becomes decoder arguments, so the detector's streams and ``kwsd eval`` decode alike.
-    ``frame_seconds``: length of a model frame.
+    ``frame_seconds``: length of a model frame; ``near_miss_ratio``: see :class:`KeywordDecoder` (0: none).
     """
     # Rounded first, so a period that is a whole number of frames is not pushed one frame up by float error.
     refractory = math.ceil(round(settings.refractory / frame_seconds, 9))
     return KeywordDecoder(keywords, beam=settings.beam, top_k=settings.top_k, token_floor=settings.token_floor,
-                          refractory_frames=refractory)
+                          refractory_frames=refractory, near_miss_ratio=near_miss_ratio)
 
 
 class Detector:
     def __init__(self, session: ModelSession, settings: DetectorSettings, *, scan: bool = True,
-                 threads: int | None = None, phases: int = 3) -> None:
+                 threads: int | None = None, phases: int = 3, near_miss_ratio: float = 0.0) -> None:
         """``scan``: judge each batch's posteriors in one vectorised pass and run only the decoders of streams
         whose frames carry a keyword token (the detections are identical; false decodes every stream).
         ``threads``: threads extracting features in a step; default: the session's (``model.intra_op_threads``).
         ``phases``: LFR phases run per stream; 3 makes detection independent of the audio's offset (the default),
         1 runs only the model's training framing at a third of the model's cost (for measurements).
+        ``near_miss_ratio``: report candidates scoring at least this fraction of the threshold (and below it, on
+        no phase above it) through :meth:`near_misses`; 0: none.
         """
         self.session = session
         self.settings = settings
@@ -232,6 +300,11 @@ class Detector:
         self.phases = phases
         self.keywords = build_keywords(settings.keywords, c.tokens, self.frame_seconds)
         self.step_frames = max(1, settings.step_frames)
+        self.near_miss_ratio = near_miss_ratio
+        self._near_misses: list[Detection] = []
+        self._site_keywords = {  # a site's threshold replaces every keyword's own there
+            site: [dataclasses.replace(kw, threshold=t) for kw in self.keywords]
+            for site, t in settings.site_thresholds.items()}
         self._streams: dict[str, _Stream] = {}
         self._cache = session.new_cache(0)
         self._free: list[int] = []
@@ -274,12 +347,22 @@ class Detector:
             slot=slot,
             fbank=FbankStream(fc),
             lfr=LfrStacker(fc, tuple(range(self.phases))),
-            phased=PhasedDecoder([self._new_decoder() for _ in range(self.phases)], fc.lfr_stride),
+            phased=PhasedDecoder([self._new_decoder(name) for _ in range(self.phases)], fc.lfr_stride),
             start_sample=start_sample,
         )
 
-    def _new_decoder(self) -> KeywordDecoder:
-        return new_decoder(self.keywords, self.settings, self.frame_seconds)
+    def _new_decoder(self, stream: str | None = None) -> KeywordDecoder:
+        keywords = self.keywords if stream is None else self._site_keywords.get(stream, self.keywords)
+        return new_decoder(keywords, self.settings, self.frame_seconds, self.near_miss_ratio)
+
+    def keywords_of(self, name: str) -> list[Keyword]:
+        """The keywords as a stream (site) decodes them: with its ``detector.site_thresholds`` entry, if any."""
+        return self._site_keywords.get(name, self.keywords)
+
+    def near_misses(self) -> list[Detection]:
+        """Near misses (``near_miss`` set, score below the threshold) that became final since the last call."""
+        out, self._near_misses = self._near_misses, []
+        return out
 
     def remove_stream(self, name: str) -> None:
         stream = self._streams.pop(name)
@@ -375,6 +458,8 @@ class Detector:
         while stream.pending_frames:
             hits.extend(self._run([stream], stream.pending_frames))
         hits.extend(self._detections(stream, stream.phased.fuse([], None)))
+        if self.near_miss_ratio:
+            self._near_misses.extend(self._detections(stream, stream.phased.take_near(None), near_miss=True))
         return hits
 
     # -- inference ------------------------------------------------------------------------------------------
@@ -432,6 +517,9 @@ class Detector:
                         continue
                 found.extend((phase, hit) for hit in dec.step(p, start))
             hits.extend(self._detections(s, s.phased.fuse(found, first + frames - 1)))
+            if self.near_miss_ratio:
+                self._near_misses.extend(
+                    self._detections(s, s.phased.take_near(first + frames - 1), near_miss=True))
         t3 = time.perf_counter()
         self.timing.features += t1 - t0
         self.timing.model += t2 - t1
@@ -440,7 +528,7 @@ class Detector:
         self.timing.frames += frames * len(streams)
         return hits
 
-    def _detections(self, s: _Stream, fused: list[PhaseHit]) -> list[Detection]:
+    def _detections(self, s: _Stream, fused: list[PhaseHit], near_miss: bool = False) -> list[Detection]:
         stride = self.contract.features.lfr_stride
         shift = self.shift_samples
         out = []
@@ -459,6 +547,7 @@ class Detector:
                 + self.contract.features.frame_length,
                 decided_sample=s.start_sample + min(s.samples_in, decided * shift),
                 sample_rate=self.sample_rate,
+                near_miss=near_miss,
             ))
         return out
 

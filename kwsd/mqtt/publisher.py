@@ -68,6 +68,11 @@ ToggleCallback = Callable[[str, bool, str], None]
 AudioCallback = Callable[[str, np.ndarray, int], None]
 """``satellite_audio(site, samples, rate)``: int16 mono samples at ``rate`` Hz from a remote satellite."""
 Handler = Callable[[str, bytes], None]
+FeedbackCallback = Callable[[str, bytes], None]
+"""``on_feedback(site, payload)`` of ``<prefix>/<siteId>/feedback``; a MessageError it raises is answered on the
+error topic."""
+FEEDBACK = "feedback"
+"""Last level of the inbound review verdict topic ``<prefix>/<siteId>/feedback``."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,7 @@ class Publisher:
         liveness: Liveness | None = None,
         on_toggle: ToggleCallback | None = None,
         satellite_audio: AudioCallback | None = None,
+        on_feedback: FeedbackCallback | None = None,
         name: str = "mqtt",
     ) -> None:
         self.settings = settings
@@ -134,6 +140,8 @@ class Publisher:
         self.outbox = outbox
         self.on_toggle: ToggleCallback | None = on_toggle
         self.satellite_audio: AudioCallback | None = satellite_audio
+        self.on_feedback: FeedbackCallback | None = on_feedback
+        """Set at construction: ``<prefix>/+/feedback`` is subscribed only when there is a receiver."""
         self.liveness = liveness if liveness is not None else Liveness()
         self.client_id = settings.client_id or f"kwsd-{socket.gethostname()}"
         self._lock = threading.Lock()
@@ -414,6 +422,8 @@ class Publisher:
         if s.home_assistant.enabled:
             routes[f"{s.home_assistant.discovery_prefix}/status"] = self._on_ha_status
         wild: list[tuple[str, Handler]] = []
+        if self.on_feedback is not None:
+            wild.append((f"{s.prefix}/+/{FEEDBACK}", self._on_feedback))
         if s.satellites.enabled:
             if s.satellites.sites:
                 for site in s.satellites.sites:
@@ -473,6 +483,14 @@ class Publisher:
         if self.satellite_audio is not None and len(samples):
             self._call("satellite_audio", self.satellite_audio, site, samples, rate)
 
+    def _feedback_site(self, topic: str) -> str:
+        return topic[len(self.settings.prefix) + 1 : -len(FEEDBACK) - 1]
+
+    def _on_feedback(self, topic: str, payload: bytes) -> None:
+        site = check_site_id(self._feedback_site(topic), "feedback: siteId")
+        if self.on_feedback is not None:
+            self.on_feedback(site, payload)  # MessageError: answered on the error topic
+
     def _inbound_error(self, topic: str, problem: str) -> None:
         self._inbound_errors += 1
         now = time.monotonic()
@@ -498,6 +516,11 @@ class Publisher:
         if len(parts) == 4 and parts[:2] == ["hermes", "audioServer"]:
             try:
                 site = check_site_id(parts[2])
+            except MessageError:
+                pass
+        elif parts[-1] == FEEDBACK and topic.startswith(f"{self.settings.prefix}/"):
+            try:
+                site = check_site_id(self._feedback_site(topic))
             except MessageError:
                 pass
         self.publish_error(problem[:500], context=topic[:200], site=site)
