@@ -1,7 +1,9 @@
-"""Reading recordings: WAV files of any rate, sample width and channel count, as 16 kHz int16-scale audio."""
+"""Reading recordings (WAV files of any rate, sample width and channel count, as 16 kHz int16-scale audio) and
+writing int16 audio as WAV bytes."""
 
 from __future__ import annotations
 
+import io
 import wave
 from pathlib import Path
 
@@ -40,3 +42,14 @@ def read_wav(path: Path, channel: int | None = 0, rate: int = 16000) -> np.ndarr
     if file_rate != rate:
         mono = resample_once(mono, file_rate, rate)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def to_wav(samples: np.ndarray, sample_rate: int = 16000, channels: int = 1) -> bytes:
+    """int16 samples (interleaved when ``channels`` > 1) as the bytes of a 16-bit PCM WAV file."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as wf:
+        wf.setnchannels(channels)
+        wf.setsampwidth(2)
+        wf.setframerate(sample_rate)
+        wf.writeframes(np.ascontiguousarray(samples, dtype="<i2").tobytes())
+    return buf.getvalue()
