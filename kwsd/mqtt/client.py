@@ -38,6 +38,7 @@ from kwsd.mqtt.messages import (
     ha_event_payload,
 )
 from kwsd.mqtt.outbox import Outbox
+from kwsd.pipeline import ToggleState
 from kwsd.settings import ConfigError, MqttSettings
 
 if TYPE_CHECKING:
@@ -51,38 +52,6 @@ _LOOP_TIMEOUT = 0.02
 """Seconds paho's select waits per turn; bounds the delay between queuing a message and sending it."""
 _MAX_SATELLITE_STREAMS = 256
 """Satellite sites whose resampler state is kept; the least recently heard one is forgotten beyond this."""
-
-
-class ToggleState:
-    """Hermes ``toggleOff``/``toggleOn`` per site: detection is off while any reason is outstanding."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._reasons: dict[str, set[str]] = {}
-
-    def off(self, site: str, reason: str = "") -> bool:
-        """Add ``reason``; returns whether the site is enabled afterwards (always False)."""
-        with self._lock:
-            self._reasons.setdefault(site, set()).add(reason)
-            return False
-
-    def on(self, site: str, reason: str = "") -> bool:
-        """Clear ``reason``; returns whether the site is enabled afterwards."""
-        with self._lock:
-            reasons = self._reasons.get(site)
-            if reasons is not None:
-                reasons.discard(reason)
-                if not reasons:
-                    del self._reasons[site]
-            return site not in self._reasons
-
-    def enabled(self, site: str) -> bool:
-        with self._lock:
-            return site not in self._reasons
-
-    def reasons(self, site: str) -> frozenset[str]:
-        with self._lock:
-            return frozenset(self._reasons.get(site, ()))
 
 
 @dataclass(frozen=True)
@@ -137,10 +106,14 @@ class Publisher:
         outbox_dir: Path,
         sites: Sequence[str],
         stop: threading.Event | None = None,
+        outbox: Outbox | None = None,
+        toggles: ToggleState | None = None,
     ) -> None:
         self.settings = settings
-        self.outbox = Outbox(outbox_dir, settings.outbox.max_bytes)
-        self.toggles = ToggleState()
+        # An outbox passed in belongs to the caller (the daemon keeps one across publishers) and stays open.
+        self._own_outbox = outbox is None
+        self.outbox = outbox if outbox is not None else Outbox(outbox_dir, settings.outbox.max_bytes)
+        self.toggles = toggles if toggles is not None else ToggleState()
         self.on_toggle: Callable[[str, bool, str], None] | None = None
         self.on_audio: Callable[[str, np.ndarray], None] | None = None
         self._sites: tuple[str, ...] = tuple(check_topic_part(s, "site") for s in sites)
@@ -183,7 +156,8 @@ class Publisher:
                 log.warning("MQTT thread did not stop within %.1f s", timeout)
             self._thread = None
         self._state = "stopped"
-        self.outbox.close()
+        if self._own_outbox:
+            self.outbox.close()
 
     @property
     def connected(self) -> bool:
