@@ -229,7 +229,7 @@ class Daemon:
             return
         try:
             hub.remote(site, "satellite").write(samples, rate)
-        except (RemoteRefused, ValueError) as exc:
+        except (RemoteRefused, ValueError, TypeError) as exc:
             self._remote_refusals += 1
             now = time.monotonic()
             level = logging.WARNING if now - self._last_refusal_log > 10.0 else logging.DEBUG

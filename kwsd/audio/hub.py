@@ -300,6 +300,11 @@ class AudioHub:
         if existing is not None and existing.origin == origin and not existing.closed:
             return existing
         with self._lock:
+            try:
+                check_site_id(site)
+            except RemoteRefused:
+                self.refused += 1
+                raise
             existing = self._remotes.get(site)
             if existing is not None:
                 if existing.origin != origin:
@@ -307,7 +312,6 @@ class AudioHub:
                     raise RemoteRefused(f"siteId {site!r} is already used by {existing.origin}")
                 return existing
             try:
-                check_site_id(site)
                 if site in self._by_site:
                     raise RemoteRefused(f"siteId {site!r} is a local input's site")
                 if len(self._remotes) >= self.remote_limits.max_sites:
