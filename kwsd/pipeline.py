@@ -42,6 +42,9 @@ PASS_WAIT = 0.25
 """Longest sleep between passes (seconds); the pipeline beats at least this often."""
 BEAT_WITHIN = 10.0
 """The pipeline promises a beat within this many seconds: a pass stuck longer stops the watchdog."""
+SWAP_REPLAY = 3 * SAMPLE_RATE
+"""Audio before a swap that the new detector hears again (the longest keyword and then some), so a keyword said
+while the parts were swapped is still detected."""
 
 
 class Sink(Protocol):
@@ -126,6 +129,8 @@ class SiteStream:
     """Why the stream must start afresh with its next audio (empty: it need not)."""
     rejected: dict[str, int] = field(default_factory=dict)
     """Wake word id -> rejected candidates last counted (the detector's count since the stream began)."""
+    last_wake_end: int = 0
+    """Absolute index where the last detected keyword ended (a replay after a swap starts after it)."""
 
     def reset(self, detector: Detector, start: int) -> None:
         """Start the stream afresh at absolute index ``start``: new features, model cache and decoder."""
@@ -170,15 +175,24 @@ class Pipeline:
     def swap(self, parts: Parts) -> Parts:
         """Take new parts into use between two passes; returns the old ones for the caller to close.
 
-        Segments in progress end as ``stopped``; every stream continues on the new detector from the sample
-        the old one stopped at.
+        Segments in progress end as ``stopped``. Every stream continues on the new detector, which first hears
+        the last ``SWAP_REPLAY`` samples again (from after the last detected keyword on), so a keyword that
+        straddles the swap is detected and one already detected is not detected twice.
         """
         with self._lock:
             old = self.parts
             for seg in old.recorder.flush():
                 self._emit_segment(seg)
             for site, st in self.sites.items():
-                parts.detector.add_stream(site, st.next_sample)
+                replay = np.zeros(0, dtype=np.int16)
+                if not st.restart:
+                    start = max(st.next_sample - SWAP_REPLAY, st.last_wake_end)
+                    replay = old.recorder.audio(site, start, st.next_sample)
+                begin = st.next_sample - replay.size
+                parts.detector.add_stream(site, begin)
+                if replay.size:
+                    parts.recorder.feed(site, replay, begin)
+                    parts.detector.accept(site, replay)
                 st.rejected.clear()
             self.parts = parts
         self.hub.wake()
@@ -332,6 +346,7 @@ class Pipeline:
 
     def _wake(self, hit: Detection) -> None:
         st = self.sites[hit.stream]
+        st.last_wake_end = max(st.last_wake_end, hit.end_sample)
         if not self.toggles.enabled(hit.stream):
             self.suppressed += 1
             log.info("site %s: %s (score %.3f) ignored: detection toggled off", hit.stream, hit.keyword, hit.score)

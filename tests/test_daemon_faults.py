@@ -405,3 +405,33 @@ def test_an_idle_satellite_is_dropped_and_its_discovery_withdrawn(model_path: Pa
     finally:
         sub.close()
         running.stop()
+
+
+def test_a_keyword_said_across_a_swap_is_heard_once(model_path: Path, positive: np.ndarray) -> None:
+    """A reload swaps the detector while a keyword is being said: it is still detected (the new detector hears
+    the last seconds again), and a keyword detected before a swap is not detected a second time after it."""
+    hub, pipeline, sink = _pipeline(model_path, RemoteLimits(buffer_seconds=30.0, max_speed=1e6))
+    hub.remote("probe", "test").write(positive, RATE)
+    pipeline.run_once()
+    [probe] = sink.wakes
+    sink.wakes.clear()
+    session = pipeline.parts.session
+
+    def swap() -> None:
+        detector = Detector(session, DetectorSettings())
+        pipeline.swap(Parts(session, detector, SegmentRecorder(pipeline.recorder.settings))).close(True)
+
+    hall = hub.remote("hall", "test")
+    middle = int((probe.start + probe.end) / 2 * RATE)
+    hall.write(positive[:middle], RATE)
+    pipeline.run_once()
+    swap()
+    hall.write(positive[middle:], RATE)
+    pipeline.run_once()
+    assert [w.site_id for w in sink.wakes] == ["hall"]
+    assert abs(sink.wakes[0].start - probe.start) < 0.1  # the same keyword (the LFR phase may differ)
+
+    swap()  # the keyword was detected: hearing the last seconds again must not fire it twice
+    hall.write(np.zeros(2 * RATE, dtype=np.int16), RATE)
+    pipeline.run_once()
+    assert len(sink.wakes) == 1
