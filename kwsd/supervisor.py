@@ -287,6 +287,22 @@ class Daemon:
             self._count("dropped", pub.outbox, c.dropped, self.metrics.add_dropped)
             self.metrics.set_outbox_depth(c.outbox_depth)
 
+    def _check_publisher(self) -> None:
+        """A publisher that runs its own thread (not on ``lifecycle.supervise``) is watched from here: while the
+        thread lives it counts as alive; once it has died it is a failed part with no restart promised, so the
+        watchdog and STATUS show it instead of a stale "broker connected"."""
+        pub = self.publisher
+        thread = getattr(pub, "_thread", None)
+        if pub is None:
+            self.liveness.forget("mqtt")
+        if not isinstance(thread, threading.Thread) or self.stop_event.is_set():
+            return
+        if thread.is_alive():
+            self.liveness.beat("mqtt", within=10.0)
+        elif (part := self.liveness.get("mqtt")) is None or part.state != "failed":
+            log.error("the MQTT thread has ended; nothing is published until kwsd is restarted")
+            self.liveness.failed("mqtt", "the MQTT thread ended", retry_in=None)
+
     def waiting_for(self) -> list[str]:
         """Devices of local inputs that are not delivering (missing, reopening, failed)."""
         if self.hub is None:
@@ -440,6 +456,7 @@ class Daemon:
             if self._reload_requested.is_set():
                 self.reload()
                 interval = min(self.settings.service.status_interval, 5.0)
+            self._check_publisher()
             self.watchdog.poll()
             changed = self._check_inputs()
             now = time.monotonic()

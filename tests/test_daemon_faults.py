@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,12 @@ from kwsd.kws.detector import Detector
 from kwsd.kws.session import ModelSession
 from kwsd.lifecycle import Backoff
 from kwsd.metrics import Metrics
+from kwsd.mqtt.client import Publisher
 from kwsd.mqtt.messages import WakeEvent
-from kwsd.pipeline import Parts, Pipeline
+from kwsd.mqtt.outbox import Outbox
+from kwsd.pipeline import Parts, Pipeline, ToggleState
 from kwsd.segments import Segment, SegmentRecorder
-from kwsd.settings import DetectorSettings, ModelSettings, Settings
+from kwsd.settings import DetectorSettings, ModelSettings, MqttSettings, Settings
 from kwsd.supervisor import Daemon, Factories, StartupError, open_session
 from kwsd.systemd import Notifier
 from tests.fixtures_broker import Broker, Subscriber, wait_until
@@ -435,3 +438,35 @@ def test_a_keyword_said_across_a_swap_is_heard_once(model_path: Path, positive: 
     hall.write(np.zeros(2 * RATE, dtype=np.int16), RATE)
     pipeline.run_once()
     assert len(sink.wakes) == 1
+
+
+class DyingPublisher(Publisher):
+    """The real publisher, whose outbox pump fails like a broken disk once it is connected."""
+
+    def _pump(self, conn: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error (injected)")
+
+
+# The thread's own traceback goes to threading.excepthook: the publisher's loop is not yet on lifecycle.supervise.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_mqtt_thread_is_not_hidden(model_path: Path, tmp_path: Path, notify: NotifySocket,
+                                          broker: Broker) -> None:
+    """The MQTT thread dies of an outbox error: the pings stop and STATUS names it, instead of "broker
+    connected" over a thread that publishes nothing."""
+
+    def publisher(s: MqttSettings, outbox: Outbox, sites: Sequence[str], stop: threading.Event,
+                  toggles: ToggleState) -> Publisher:
+        return DyingPublisher(s, outbox.path.parent, sites, stop, outbox=outbox, toggles=toggles)
+
+    settings = settings_mod.from_dict(Settings, _cfg(model_path, tmp_path, broker))
+    running, _ = _start(settings, notify, Factories(publisher=publisher), usec=1000000)
+    daemon = running.daemon
+    try:
+        wait_until(lambda: "mqtt" in daemon.liveness.overdue(), 15, "the dead MQTT thread to be noticed")
+        time.sleep(0.6)
+        quiet = time.monotonic()
+        time.sleep(1.5)
+        assert _pings(notify, quiet) == []
+        assert any("mqtt not responding" in line for line in notify.lines("STATUS=", quiet))
+    finally:
+        running.stop()
