@@ -324,8 +324,30 @@ class Pipeline:
             offset += ROUND_SAMPLES
             if not any(offset < samples.size for samples, _ in new.values()):
                 break
+        for site in hub.closing_sites():
+            if site in self.sites:
+                self._finish(site)
         self._count_rejections()
         return got_audio
+
+    def _finish(self, site: str) -> None:
+        """A closed remote site: decode the rest of its audio (the model's look-ahead included), hand on the last
+        detections and segment, drop the stream, then tell whoever closed it."""
+        try:
+            samples, first = self.hub.read(site)  # what was written after this pass read the site
+        except KeyError:
+            samples, first = np.zeros(0, dtype=np.int16), 0
+        if samples.size:
+            self._feed(self.sites[site], samples, first)
+        for hit in self.parts.detector.finish(site):
+            self._wake(hit)
+        done = self.hub.finish_remote(site)
+        self._drop(site)
+        if done is not None:
+            try:
+                done()
+            except Exception as exc:
+                self._sink_errors.error(f"after closing site {site}: {exc}", exc)
 
     def _feed(self, st: SiteStream, samples: np.ndarray, first: int) -> None:
         det = self.parts.detector

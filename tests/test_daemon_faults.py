@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from kwsd import settings as settings_mod
-from kwsd.audio.hub import AudioHub, RemoteLimits
+from kwsd.audio.hub import AudioHub, RemoteLimits, RemoteRefused
 from kwsd.audio.wavfile import read_wav
 from kwsd.kws.detector import Detector
 from kwsd.kws.session import ModelSession
@@ -470,3 +470,27 @@ def test_a_dead_mqtt_thread_is_not_hidden(model_path: Path, tmp_path: Path, noti
         assert any("mqtt not responding" in line for line in notify.lines("STATUS=", quiet))
     finally:
         running.stop()
+
+
+def test_a_closed_remote_site_is_decoded_to_its_end(model_path: Path, positive: np.ndarray) -> None:
+    """A remote stream that ends right after its keyword (a Wyoming client's audio-stop) still gets its wake:
+    closing decodes the rest, look-ahead included, then drops the site and calls back on the pipeline thread."""
+    hub, pipeline, sink = _pipeline(model_path, RemoteLimits(buffer_seconds=30.0, max_speed=1e6))
+    hub.remote("probe", "test").write(positive, RATE)
+    pipeline.run_once()
+    [probe] = sink.wakes
+    sink.wakes.clear()
+    remote = hub.remote("hall", "wyoming")
+    remote.write(positive[:int((probe.end + 0.03) * RATE)], RATE)
+    pipeline.run_once()
+    assert sink.wakes == []  # without the end of the stream the model still waits for its look-ahead
+    done: list[str] = []
+    remote.close(lambda: done.append(threading.current_thread().name))
+    assert remote.write(positive, RATE) is False  # nothing more after close
+    with pytest.raises(RemoteRefused, match="closing"):
+        hub.remote("hall", "wyoming")
+    pipeline.run_once()
+    assert [w.site_id for w in sink.wakes] == ["hall"] and done == [threading.current_thread().name]
+    assert hub.remote_sites() == ["probe"] and "hall" not in pipeline.sites
+    again = hub.remote("hall", "wyoming")  # the site can come back at once, as a new stream
+    assert again is not remote and again.ring.end == 0

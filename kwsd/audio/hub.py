@@ -96,7 +96,11 @@ class RemoteInput:
         self._tokens = float(self.capacity)  # samples that may be accepted now
         self._refilled = clock()
         self.last_write = clock()
+        self.closing = False
+        """``close()`` was called: no more audio is accepted; the pipeline ends the stream after what is held."""
         self.closed = False
+        """Removed from the hub."""
+        self._done: Callable[[], None] | None = None
 
     @property
     def bytes(self) -> int:
@@ -117,7 +121,7 @@ class RemoteInput:
         if block.dtype != np.int16:
             block = np.clip(np.rint(block.astype(np.float64)), -32768, 32767).astype(np.int16)
         with self._lock:
-            if self.closed:
+            if self.closing or self.closed:
                 return False
             now = self._clock()
             self.last_write = now
@@ -155,9 +159,18 @@ class RemoteInput:
             last_error=st.last_error, since=st.since,
         )
 
-    def close(self) -> None:
-        """The remote end is gone: the site is removed from the hub (its stream ends)."""
-        self._hub._remove_remote(self, "closed")
+    def close(self, done: Callable[[], None] | None = None) -> None:
+        """The remote end is gone: no more audio is accepted. The pipeline still decodes what was written (and
+        the model's look-ahead after it), hands on the last detections, removes the site and then calls ``done``
+        on its own thread. Any thread; closing twice is harmless."""
+        with self._lock:
+            if self.closing or self.closed:
+                call_now = self.closed
+            else:
+                self.closing, self._done, call_now = True, done, False
+        if call_now and done is not None:
+            done()
+        self._hub.wake()
 
 
 class AudioHub:
@@ -297,7 +310,7 @@ class AudioHub:
         """The remote input of ``site`` (created on first use); ``RemoteRefused`` when the siteId is bad, taken
         by a local input or another origin, or ``max_sites`` remote sites exist already."""
         existing = self._remotes.get(site) if isinstance(site, str) else None
-        if existing is not None and existing.origin == origin and not existing.closed:
+        if existing is not None and existing.origin == origin and not existing.closing:
             return existing
         with self._lock:
             try:
@@ -310,6 +323,8 @@ class AudioHub:
                 if existing.origin != origin:
                     self.refused += 1
                     raise RemoteRefused(f"siteId {site!r} is already used by {existing.origin}")
+                if existing.closing:
+                    raise RemoteRefused(f"siteId {site!r} is closing; its stream is being finished")
                 return existing
             try:
                 if site in self._by_site:
@@ -334,11 +349,23 @@ class AudioHub:
     def is_remote(self, site: str) -> bool:
         return site in self._remotes
 
+    def closing_sites(self) -> list[str]:
+        """Remote sites whose input was closed and whose stream the reader must finish."""
+        return [site for site, r in list(self._remotes.items()) if r.closing]
+
+    def finish_remote(self, site: str) -> Callable[[], None] | None:
+        """The reader finished a closing remote site: remove it; returns the callback its ``close`` was given."""
+        remote = self._remotes.get(site)
+        if remote is None:
+            return None
+        self._remove_remote(remote, "stream ended")
+        return remote._done
+
     def expire_idle(self) -> list[str]:
         """Drop remote sites silent for longer than ``idle_timeout``; returns their siteIds."""
         now = self._clock()
         limit = self.remote_limits.idle_timeout
-        idle = [r for r in list(self._remotes.values()) if now - r.last_write > limit]
+        idle = [r for r in list(self._remotes.values()) if now - r.last_write > limit and not r.closing]
         for r in idle:
             self._remove_remote(r, f"no audio for {now - r.last_write:.0f} s")
         return [r.site for r in idle]
