@@ -74,6 +74,10 @@ class ToggleState:
         self._lock = threading.Lock()
         self._reasons: dict[str, set[str]] = {}
 
+    def apply(self, site: str, enabled: bool, reason: str = "") -> bool:
+        """A ``toggleOn`` (``enabled``) or ``toggleOff``; returns whether detection is on afterwards."""
+        return self.on(site, reason) if enabled else self.off(site, reason)
+
     def off(self, site: str, reason: str = "") -> bool:
         """Add ``reason``; returns whether the site is enabled afterwards (always False)."""
         with self._lock:
@@ -206,7 +210,7 @@ class Pipeline:
     def toggle(self, site: str, on: bool, reason: str = "") -> bool:
         """Apply a Hermes ``toggleOn`` (``on``) or ``toggleOff`` for ``site``; returns whether detection is
         enabled afterwards. Any thread."""
-        enabled = self.toggles.on(site, reason) if on else self.toggles.off(site, reason)
+        enabled = self.toggles.apply(site, on, reason)
         self.toggled(site, enabled, reason)
         return enabled
 
