@@ -32,7 +32,7 @@ POSITIVE = "positive/20200707_spk57db_storenoise52db_40cm_xiaoyun_sox_15.wav"
 def event(site: str = "kitchen", when: datetime | None = None, score: float = 0.6) -> WakeEvent:
     stamp = (when or datetime.now(UTC)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return WakeEvent(
-        site_id=site, wakeword_id="小云小云", keyword="小云小云", score=score, threshold=0.25, start=1.0, end=1.8,
+        site_id=site, wakeword_id="小云小云", keyword="小云小云", score=score, threshold=0.4, start=1.0, end=1.8,
         session_id=f"s{time.monotonic_ns()}", device="mic", energy=-30.0, latency=250.0, timestamp=stamp)
 
 
@@ -277,3 +277,57 @@ def test_fuzzed_feedback_is_a_message_error_or_a_verdict_never_a_crash(tmp_path:
         archive.stop()
     assert rejected > 1900 and accepted + rejected == 2000
     assert scan(tmp_path / "review")[0].verdict == "wake"
+
+
+def test_near_misses_are_fused_across_the_lfr_phases(model_path: Path, audio_dir: Path) -> None:
+    """A phase's near miss counts only if no phase fired; then it is reported once, with the best phase's score,
+    wherever the audio started."""
+    session = ModelSession(model_path, ("CPUExecutionProvider",))
+    clip = "positive/20200707_spk57db_storenoise52db_40cm_xiaoyun_sox_23.wav"  # 0.35 / 0.61 / 0.39 by framing
+    audio = np.concatenate([read_wav(audio_dir / clip), np.zeros(16000, dtype=np.float32)])
+    # What each framing alone scores (one phase, the audio shifted by 0, 10 and 20 ms).
+    per_phase = []
+    for shift in (0, 160, 320):
+        one = Detector(session, DetectorSettings(site_thresholds={"x": 0.999}), phases=1, near_miss_ratio=0.3)
+        detect_samples(one, "x", audio[shift:], block=1600)
+        [m] = one.near_misses()
+        per_phase.append(m.score)
+    assert max(per_phase) - min(per_phase) > 0.1, per_phase  # the framings do disagree on this clip
+    # Out of every phase's reach: one near miss per utterance at every offset, scored like the best framing.
+    for shift in (0, 160, 320):
+        det = Detector(session, DetectorSettings(site_thresholds={"x": 0.999}), near_miss_ratio=0.3)
+        assert detect_samples(det, "x", audio[shift:], block=1600) == []
+        [miss] = det.near_misses()
+        assert miss.score == pytest.approx(max(per_phase), abs=1e-3)
+    # Between the framings' scores: one framing fires, so the others' near misses of it are not kept.
+    between = (max(per_phase) + min(per_phase)) / 2
+    det = Detector(session, DetectorSettings(site_thresholds={"x": between}), near_miss_ratio=0.3)
+    [hit] = detect_samples(det, "x", audio, block=1600)
+    assert hit.score == pytest.approx(max(per_phase), abs=1e-3)
+    assert det.near_misses() == []
+
+
+def test_phased_near_miss_fusion_rules() -> None:
+    from kwsd.kws.decoder import Hit, Keyword, KeywordDecoder
+    from kwsd.kws.detector import PhasedDecoder
+
+    kw = Keyword("小云小云", "小云小云", (1462, 976, 1462, 976), 0.4, 5, 60)
+    decoders = [KeywordDecoder([kw], refractory_frames=34, near_miss_ratio=0.7) for _ in range(3)]
+    fused = PhasedDecoder(decoders, 3)
+
+    def near(score: float, end: int) -> Hit:
+        return Hit(keyword=kw, score=score, start_frame=end - 20, end_frame=end, decided_frame=end)
+
+    # Two phases come close to one utterance: nothing until every phase has settled, then the best one.
+    assert fused.fuse_near([(0, near(0.30, 100)), (2, near(0.35, 101))], 110) == []
+    [out] = fused.fuse_near([], 130)
+    assert out.phase == 2 and out.hit.score == 0.35
+    # Its late copy from the third phase is the same candidate.
+    assert fused.fuse_near([(1, near(0.33, 101))], 140) == []
+    # A phase fired on the utterance: another phase's near miss of it is not kept.
+    [wake] = fused.fuse([(1, Hit(kw, 0.5, 180, 200, 200))], 202)
+    assert wake.phase == 1
+    assert fused.fuse_near([(0, near(0.32, 199))], 230) == []
+    # A separate utterance later is a near miss again; the end of the stream releases it at once.
+    [late] = fused.fuse_near([(0, near(0.31, 300))], None)
+    assert late.hit.end_frame == 300

@@ -248,8 +248,11 @@ def test_review_loop_through_the_daemon(broker: Broker, notify: NotifySocket, mo
     ev = kwsd("eval", "--positive", str(out / "positive"), "--negative", str(out / "negative"),
               "--model", str(model_path), "--provider", "CPUExecutionProvider", "--json")
     assert ev.returncode == 0, ev.stderr
-    rows = {r["threshold"]: r for r in json.loads(ev.stdout)}
-    assert rows[0.25]["positives"] == 1 and rows[0.25]["detected"] == 1
+    [report] = json.loads(ev.stdout)["keywords"]
+    at = {r["threshold"]: r for r in report["rows"]}[report["threshold"]]  # the configured threshold
+    assert at["positives"] == 1 and at["detected"] == 1  # the near miss marked missed: heard at every offset
+    # The wake marked false_wake was the keyword said (this test's verdict is a lie): eval counts it against us.
+    assert at["false_alarms"] >= 1
 
 
 @pytest.fixture

@@ -359,6 +359,15 @@ class Detector:
         """The keywords as a stream (site) decodes them: with its ``detector.site_thresholds`` entry, if any."""
         return self._site_keywords.get(name, self.keywords)
 
+    def report_near_misses(self, ratio: float) -> None:
+        """Report near misses at ``ratio`` (see ``near_miss_ratio``) on the streams added from now on; for a
+        detector built by a factory that does not take the ratio."""
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"near_miss_ratio {ratio!r} is not in [0, 1)")
+        if self._streams:
+            raise ValueError("near misses must be asked for before the detector's first stream")
+        self.near_miss_ratio = ratio
+
     def near_misses(self) -> list[Detection]:
         """Near misses (``near_miss`` set, score below the threshold) that became final since the last call."""
         out, self._near_misses = self._near_misses, []

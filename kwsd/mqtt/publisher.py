@@ -25,7 +25,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from kwsd import __version__
-from kwsd.lifecycle import ErrorOnce, Liveness, describe
+from kwsd.lifecycle import Backoff, ErrorOnce, Liveness, describe
 from kwsd.mqtt.connection import Connection, Session
 from kwsd.mqtt.messages import (
     AudioFrame,
@@ -128,6 +128,7 @@ class Publisher:
         satellite_audio: AudioCallback | None = None,
         on_feedback: FeedbackCallback | None = None,
         name: str = "mqtt",
+        restart_backoff: Backoff | None = None,
     ) -> None:
         self.settings = settings
         if outbox is None:
@@ -140,8 +141,7 @@ class Publisher:
         self.outbox = outbox
         self.on_toggle: ToggleCallback | None = on_toggle
         self.satellite_audio: AudioCallback | None = satellite_audio
-        self.on_feedback: FeedbackCallback | None = on_feedback
-        """Set at construction: ``<prefix>/+/feedback`` is subscribed only when there is a receiver."""
+        self._on_feedback_cb: FeedbackCallback | None = on_feedback
         self.liveness = liveness if liveness is not None else Liveness()
         self.client_id = settings.client_id or f"kwsd-{socket.gethostname()}"
         self._lock = threading.Lock()
@@ -171,7 +171,19 @@ class Publisher:
             liveness=self.liveness,
             name=name,
             stop=stop,
+            restart_backoff=restart_backoff,
         )
+
+    @property
+    def on_feedback(self) -> FeedbackCallback | None:
+        """Receiver of ``<prefix>/<siteId>/feedback`` verdicts; the topic is subscribed only while there is one
+        (set it before ``start``)."""
+        return self._on_feedback_cb
+
+    @on_feedback.setter
+    def on_feedback(self, callback: FeedbackCallback | None) -> None:
+        self._on_feedback_cb = callback
+        self._routes, self._wild_routes = self._make_routes()
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 

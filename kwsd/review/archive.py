@@ -84,7 +84,8 @@ class Archive:
 
     def __init__(self, settings: ReviewSettings, root: Path, *, metrics: Metrics | None = None,
                  segments: bool = True, model_version: str = "", keywords: Sequence[str] = (),
-                 queue_size: int = QUEUE_SIZE, maintenance: float = MAINTENANCE_SECONDS) -> None:
+                 queue_size: int = QUEUE_SIZE, maintenance: float = MAINTENANCE_SECONDS,
+                 liveness: Liveness | None = None) -> None:
         self.settings = settings
         self.root = root
         self.metrics = metrics
@@ -94,7 +95,8 @@ class Archive:
         self.keywords = tuple(keywords)
         self.maintenance = maintenance
         """Seconds between looks at sidecars changed on disk (``kwsd review mark``) and at ``max_days``."""
-        self.liveness = Liveness()
+        self.liveness = liveness if liveness is not None else Liveness()
+        """Where the writer thread beats (as part ``review``): the daemon's, so its watchdog sees a stuck disk."""
         self.errors = 0
         """Entries or audio that could not be written, plus hand-offs dropped because the queue was full."""
         self.written = 0
