@@ -378,3 +378,37 @@ def test_the_daemon_keeps_the_archive_in_its_bound_oldest_out_first(
         rc = daemon.terminate() if daemon.proc.poll() is None else daemon.proc.returncode
         sub.close()
     assert rc == 0
+
+
+def test_reload_of_the_review_settings_mid_segment_keeps_the_wake_whole(
+        broker: Broker, notify: NotifySocket, model_path: Path, audio_dir: Path, tmp_path: Path) -> None:
+    """SIGHUP with new review settings while a wake's segment is still being recorded: the segment so far (ended
+    as ``stopped``) is kept with the wake, and the new archive, which read the folder when it started, takes
+    verdicts on that wake."""
+    pos = write_wav(tmp_path / "pos.wav", np.concatenate([read_wav(audio_dir / POSITIVE), silence(3.0)]))
+    state, port = tmp_path / "state", free_port()
+    review = state / "review"
+    sub = Subscriber(broker, "kwsd/#", "hermes/error/#")
+    cfg = make_config(model_path, state, broker, [dict(file_input(pos, "kitchen"), realtime=True)], port,
+                      segments={"silence_timeout": 2.5, "max_length": 8.0})
+    daemon = Running(cfg, tmp_path, notify)
+    try:
+        daemon.wait_for(lambda: payloads(sub, "kwsd/kitchen/wake"), 60, "the wake")
+        assert not payloads(sub, "kwsd/kitchen/segment")  # still recording
+        cfg["review"] = {"max_days": 10.0}
+        (tmp_path / "kwsd.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for(lambda: "configuration reloaded" in daemon.text(), 20, "the reload")
+        [wake] = payloads(sub, "kwsd/kitchen/wake")
+        daemon.wait_for(lambda: any(s.get("audio") for s in sidecars(review, "wakes")), 10, "the wake's audio")
+        [side] = sidecars(review, "wakes")
+        assert side["sessionId"] == wake["sessionId"] and side["segmentReason"] == "stopped"
+        assert [a["reason"] for a in payloads(sub, "kwsd/kitchen/segment")] == ["stopped"]
+        sub.publish("kwsd/kitchen/feedback", json.dumps({"sessionId": wake["sessionId"], "verdict": "wake"}))
+        daemon.wait_for(lambda: sidecars(review, "wakes")[0]["verdict"] == "wake", 10, "the verdict after reload")
+        assert not payloads(sub, "hermes/error/hotword")
+        assert daemon.text().count("near misses kept") == 2  # the first archive and the one the reload built
+    finally:
+        rc = daemon.terminate() if daemon.proc.poll() is None else daemon.proc.returncode
+        sub.close()
+    assert rc == 0 and "Traceback" not in daemon.text()
