@@ -85,6 +85,8 @@ class Factories:
     publisher: Callable[[MqttSettings, Outbox, Sequence[str], threading.Event, Liveness], Publisher] = \
         make_publisher
     pipeline_backoff: Callable[[], Backoff] = field(default=lambda: Backoff(0.5, 30.0))
+    archive: Callable[..., Archive] = Archive
+    """Called as ``Archive(settings, root, metrics=, segments=, model_version=, keywords=, liveness=)``."""
 
 
 def remote_limits(s: Settings) -> RemoteLimits:
@@ -165,9 +167,10 @@ class Daemon:
         if not s.review.enabled:
             return None
         c = session.contract
-        return Archive(s.review, s.service.state_path() / "review", metrics=self.metrics,
-                       segments=s.segments.enabled, model_version=model_version(c.source, c.source_sha256),
-                       keywords=[k.wakeword_id for k in s.detector.keywords], liveness=self.liveness)
+        return self.factories.archive(
+            s.review, s.service.state_path() / "review", metrics=self.metrics, segments=s.segments.enabled,
+            model_version=model_version(c.source, c.source_sha256),
+            keywords=[k.wakeword_id for k in s.detector.keywords], liveness=self.liveness)
 
     def _open_outbox(self, s: Settings) -> Outbox:
         directory = s.service.state_path() / "outbox"

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from kwsd.audio.wavfile import read_wav
+from kwsd.audio.wavfile import read_wav, write_wav
 from kwsd.kws.detector import Detector, detect_samples
 from kwsd.kws.session import ModelSession
 from kwsd.metrics import Metrics
@@ -24,6 +26,9 @@ from kwsd.review.store import Entry, file_stem, scan, sidecar_bytes
 from kwsd.review.tap import ReviewTap
 from kwsd.segments import Segment
 from kwsd.settings import ConfigError, DetectorSettings, ReviewSettings, loads
+from kwsd.supervisor import Daemon, Factories
+from kwsd.systemd import Notifier
+from tests.fixtures_systemd import NotifySocket
 
 REPO = Path(__file__).resolve().parent.parent
 POSITIVE = "positive/20200707_spk57db_storenoise52db_40cm_xiaoyun_sox_15.wav"
@@ -331,3 +336,62 @@ def test_phased_near_miss_fusion_rules() -> None:
     # A separate utterance later is a near miss again; the end of the stream releases it at once.
     [late] = fused.fuse_near([(0, near(0.31, 300))], None)
     assert late.hit.end_frame == 300
+
+
+class _HangingArchive(Archive):
+    """The real archive on a disk that stops answering: writing a wake blocks until ``release`` is set."""
+
+    release = threading.Event()
+
+    def _handle(self, item: object) -> None:
+        if isinstance(item, WakeEvent):
+            self.release.wait(30)
+        super()._handle(item)
+
+
+def test_a_stuck_archive_writer_stops_the_watchdog(model_path: Path, audio_dir: Path, tmp_path: Path,
+                                                   notify_socket: NotifySocket) -> None:
+    """The archive's writer beats into the daemon's liveness: stuck on a disk for longer than it promised, the
+    watchdog stops pinging and STATUS names it; detection goes on meanwhile, and pings resume once the disk
+    answers."""
+    notify_socket.collect()
+    audio = np.concatenate([read_wav(audio_dir / POSITIVE), np.zeros(3 * 16000, dtype=np.float32)])
+    wav = tmp_path / "kitchen.wav"
+    write_wav(wav, audio.astype(np.int16), 16000)
+    settings = loads(yaml.safe_dump({
+        "model": {"path": str(model_path), "providers": ["CPUExecutionProvider"]},
+        "inputs": [{"device": str(wav), "kind": "file", "realtime": False, "sites": {0: "kitchen"}}],
+        "mqtt": {"enabled": False},
+        "service": {"state_dir": str(tmp_path / "state"), "status_interval": 0.5},
+    }))
+    _HangingArchive.release.clear()
+    daemon = Daemon(None, settings, Notifier(notify_socket.env(WATCHDOG_USEC="1000000")),
+                    Factories(archive=_HangingArchive))
+    serving = threading.Thread(target=daemon.serve, kwargs={"handle_signals": False}, daemon=True)
+    serving.start()
+    try:
+        deadline = time.monotonic() + 60
+        while daemon.pipeline is None or daemon.pipeline.detections == 0:
+            assert time.monotonic() < deadline, "no wake"
+            time.sleep(0.05)
+        deadline = time.monotonic() + 15
+        while "review" not in daemon.liveness.overdue():
+            assert time.monotonic() < deadline, daemon.liveness.parts()
+            time.sleep(0.1)
+        stuck = time.monotonic()
+        time.sleep(2.0)
+        assert not [t for t, m in list(notify_socket.messages) if t > stuck + 0.5 and m.get("WATCHDOG") == "1"]
+        assert any("review not responding" in line for line in notify_socket.lines("STATUS=", stuck - 1.0))
+        assert daemon.pipeline.detections == 1  # detection was not held up
+        _HangingArchive.release.set()
+        resumed = time.monotonic()
+        deadline = resumed + 10
+        while not [t for t, m in list(notify_socket.messages) if t > resumed and m.get("WATCHDOG") == "1"]:
+            assert time.monotonic() < deadline, "the pings did not resume"
+            time.sleep(0.1)
+        assert daemon.liveness.overdue() == ()
+    finally:
+        _HangingArchive.release.set()
+        daemon.stop_event.set()
+        serving.join(20)
+    assert [e.kind for e in scan(tmp_path / "state" / "review")] == ["wake"]
