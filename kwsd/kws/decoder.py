@@ -458,6 +458,7 @@ class KeywordDecoder:
         """Forget everything: searches, refractory periods, counters and the expected next frame."""
         for search in self._searches:
             search.reset()
+        self._near_open = False  # some search holds a near miss, forming or final (the fast path skips them)
         self._next_frame = 0
         self.frames = 0
         """Frames decoded since reset."""
@@ -505,6 +506,8 @@ class KeywordDecoder:
         the order of their last peak. A near miss is final ``NEAR_MISS_SETTLE`` frames after its last peak, if it
         did not grow into a hit by then; none are kept within the refractory period after a hit. ``final``: the
         stream ended, the near misses still forming are final too."""
+        if not self._near_open:
+            return []
         done: list[Hit] = []
         for search in self._searches:
             if final and search.near is not None:
@@ -512,11 +515,17 @@ class KeywordDecoder:
             if search.near_done:
                 done.extend(search.near_done)
                 search.near_done = []
+        self._near_open = any(s.near is not None for s in self._searches)
         done.sort(key=lambda h: h.end_frame)
         return done
 
+    @property
+    def near_pending(self) -> bool:
+        """Whether a near miss is forming or final and not yet taken."""
+        return self._near_open
+
     def _settle(self) -> None:
-        if self.near_miss_ratio:
+        if self._near_open:
             for search in self._searches:
                 search.settle(self._next_frame)
 
@@ -628,6 +637,8 @@ class KeywordDecoder:
             hit = search.detect(frame, self.refractory_frames)
             if hit is not None:
                 hits.append(hit)
+            elif search.near is not None:
+                self._near_open = True
         if int(blank_seen[-1]) > seen_before:
             search.collapse()
         return hits

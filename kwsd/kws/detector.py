@@ -186,6 +186,8 @@ class PhasedDecoder:
     def take_near(self, last_frame: int | None) -> list[PhaseHit]:
         """The phases' final near misses (:meth:`KeywordDecoder.take_near_misses`), fused; call after
         :meth:`fuse` with the same ``last_frame``."""
+        if not self._near and not any(dec.near_pending for dec in self.decoders):
+            return []
         final = last_frame is None
         return self.fuse_near(
             [(p, m) for p, dec in enumerate(self.decoders) for m in dec.take_near_misses(final)], last_frame)
