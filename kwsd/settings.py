@@ -448,8 +448,8 @@ class WyomingSettings:
     max_clients: int = 32
     """Most connections at once; one more is sent an error event and closed."""
     max_event_bytes: int = 1048576
-    """Largest header line, data block or audio payload of one event, bytes; a client sending a larger one is
-    disconnected (1 MiB holds over 2 s of 48 kHz stereo 32-bit audio)."""
+    """Largest data block or audio payload of one event, bytes (header lines are bounded at 64 KiB); a client
+    sending a larger one is disconnected (1 MiB holds over 2 s of 48 kHz stereo 32-bit audio)."""
     publish_mqtt: bool = False
     """Also publish a Wyoming client's wakes (and follow-up segments) over MQTT as wake events of its site."""
     sites: dict[str, str] = field(default_factory=dict)

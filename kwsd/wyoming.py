@@ -8,9 +8,9 @@ and metrics as the microphones, not a model per client. Detections come back fro
 ``put_wake`` and are written to the client as ``detection`` events with the keyword's end in ms of audio since
 ``audio-start``; ``audio-stop`` flushes the detector's look-ahead and answers ``not-detected`` if nothing fired.
 
-A connection is bounded: ``max_clients`` connections at once, ``max_event_bytes`` per header, data block and
-payload. A malformed or oversized event closes that connection with one log line; a client that goes away mid-stream
-leaves no stream, buffer or task behind.
+A connection is bounded: ``max_clients`` connections at once, ``max_event_bytes`` per data block and payload,
+64 KiB per header line (the stream reader's limit). A malformed or oversized event closes that connection with one
+log line; a client that goes away mid-stream leaves no stream, buffer or task behind.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class _LimitedReader:
         try:
             line = await self._reader.readline()
         except ValueError as exc:  # longer than the stream's buffer limit
-            self.problem = f"event header longer than {self.limit} bytes"
+            self.problem = "an event header line over 64 KiB"
             raise ProtocolError(self.problem) from exc
         self.last_line = line
         return line
