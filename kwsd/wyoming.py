@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,8 @@ class PipelineRemote:
         self._pipeline: Pipeline | None = None
         self._base = 0  # samples written before the current pipeline's stream began (a reload restarts it)
         self.closed = False
+        self.closed_at = 0.0
+        """Monotonic time of ``close``."""
 
     def write(self, samples: np.ndarray, rate: int) -> None:
         """Queue int16 mono ``samples`` at ``rate`` Hz."""
@@ -133,6 +136,7 @@ class PipelineRemote:
         if self.closed:
             return
         self.closed = True
+        self.closed_at = time.monotonic()
         pipeline = self.daemon.pipeline
         if pipeline is None:
             if done is not None:
@@ -446,6 +450,7 @@ class WyomingServer:
         try:
             while not part.stopping:
                 part.beat(2.0)
+                self._sweep()
                 await asyncio.sleep(0.2)
         finally:
             handlers = list(server._handlers)
@@ -493,10 +498,13 @@ class WyomingServer:
     def claim_site(self, host: str) -> str:
         base = self.settings.sites.get(host) or f"wyoming-{host}"
         pipeline = self.daemon.pipeline
-        taken = set(pipeline.sites) if pipeline is not None else set()
+
+        def taken(name: str) -> bool:  # by a microphone or an MQTT satellite (one dict lookup: thread-safe)
+            return pipeline is not None and name in pipeline.sites and name not in self._own_sites
+
         with self._lock:
             name, n = base, 2
-            while name in self._sites_in_use or (name in taken and name not in self._own_sites):
+            while name in self._sites_in_use or taken(name):
                 name = f"{base}-{n}"
                 n += 1
             self._sites_in_use.add(name)
@@ -513,6 +521,19 @@ class WyomingServer:
             if self._streams.get(site, (None, None))[1] is stream:
                 del self._streams[site]
             self._sites_in_use.discard(site)
+
+    def _sweep(self) -> None:
+        """Release streams whose end the pipeline will never confirm: a reload replaced the pipeline that was
+        asked to close them (the new one never had them)."""
+        pipeline = self.daemon.pipeline
+        now = time.monotonic()
+        with self._lock:
+            lost = [(site, stream) for site, (_, stream) in self._streams.items()
+                    if stream.remote.closed and now - stream.remote.closed_at > STOP_WAIT
+                    and (pipeline is None or site not in pipeline.sites)]
+        for site, stream in lost:
+            log.info("wyoming: site %s: released after a reload replaced its pipeline", site)
+            self.release(site, stream)
 
     @property
     def streams(self) -> list[str]:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,7 +167,8 @@ class Result:
 
 
 async def stream(port: int, audio: Audio, *, names: list[str] | None = None, chunk_ms: int = 20,
-                 realtime: bool = True, stop: bool = True) -> Result:
+                 realtime: bool = True, stop: bool = True,
+                 on_detection: Callable[[Detection], None] | None = None) -> Result:
     """Stream ``audio`` in ``chunk_ms`` chunks (at live pace: chunk k leaves when its last sample was 'heard');
     after ``audio-stop`` a ping marks the point where the server has answered everything."""
     result = Result()
@@ -182,6 +183,8 @@ async def stream(port: int, audio: Audio, *, names: list[str] | None = None, chu
                 if Detection.is_type(event.type):
                     result.detections.append(Detection.from_event(event))
                     result.arrivals.append(loop.time() - t0)
+                    if on_detection is not None:
+                        on_detection(result.detections[-1])
                 elif NotDetected.is_type(event.type):
                     result.not_detected = True
                 elif Error.is_type(event.type):
@@ -423,6 +426,50 @@ def test_audio_stop_without_audio_and_a_second_stream_on_one_connection(running:
     for e in events[1:]:
         assert abs(Detection.from_event(e).timestamp - keyword_ends[SHORT][0]) <= TOLERANCE_MS  # type: ignore
     wait_clean(running)
+
+
+def test_a_reload_that_rebuilds_the_detector_mid_stream_keeps_timestamps(
+        model_path: Path, positives: list[Path], keyword_ends: dict[str, list[int]], tmp_path: Path) -> None:
+    """SIGHUP-style reload with new detector settings while a client streams on: the stream continues on the new
+    pipeline, the next keyword is still detected with its timestamp counted from the client's audio-start."""
+    def config(refractory: float) -> str:
+        return yaml.safe_dump({
+            "model": {"path": str(model_path), "providers": ["CPUExecutionProvider"]},
+            "detector": {"refractory": refractory},
+            "mqtt": {"enabled": False},
+            "wyoming": {"enabled": True, "port": 0},
+            "service": {"state_dir": str(tmp_path / "state")},
+        }, allow_unicode=True)
+
+    path = tmp_path / "config.yaml"
+    path.write_text(config(1.0), encoding="utf-8")
+    daemon = Daemon(path, settings_mod.load(path))
+    thread = threading.Thread(target=daemon.serve, kwargs={"handle_signals": False}, daemon=True)
+    thread.start()
+    r = Running(daemon, thread)
+    try:
+        deadline = time.monotonic() + 60
+        while daemon.wyoming is None or daemon.wyoming.address is None:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        short = read_wav(_by_name(positives, SHORT))
+        first_pipeline = daemon.pipeline
+
+        def reload(_: Detection) -> None:
+            if daemon.pipeline is first_pipeline:
+                path.write_text(config(1.2), encoding="utf-8")
+                daemon.request_reload()
+
+        result = asyncio.run(stream(r.port, pcm16(np.concatenate([short, short])), on_detection=reload))
+        assert daemon.pipeline is not first_pipeline, "the reload did not rebuild the pipeline"
+        expected = [e + k * round(short.size / 16) for k in (0, 1) for e in keyword_ends[SHORT]]
+        got = [d.timestamp or 0 for d in result.detections]
+        assert len(got) == 2 and all(abs(t - e) <= TOLERANCE_MS for t, e in zip(got, expected, strict=True)), (
+            got, expected)
+        wait_clean(r)
+    finally:
+        daemon.stop_event.set()
+        thread.join(15)
 
 
 # -- start-up, settings -----------------------------------------------------------------------------------------
