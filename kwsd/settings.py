@@ -455,9 +455,18 @@ class WyomingSettings:
     sites: dict[str, str] = field(default_factory=dict)
     """Client address -> siteId (``{192.168.1.20: kitchen}``) for logs, metrics and MQTT; an unlisted client is
     ``wyoming-<address>``. Concurrent streams from one address get ``-2``, ``-3``, ... appended."""
+    zeroconf: bool = False
+    """Announce the service over mDNS (``_wyoming._tcp``) so Home Assistant discovers it; needs a ``host`` other
+    hosts can reach."""
+    zeroconf_name: str = ""
+    """Instance name in the announcement; empty: ``kwsd-<hostname>``."""
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""
+        if self.zeroconf:
+            if self.host.startswith("127.") or self.host in ("localhost", "::1"):
+                raise ConfigError(f"{k}zeroconf", f"would announce {self.host}, which other hosts cannot reach; "
+                                  "set wyoming.host to 0.0.0.0 or an address on the network")
         if not self.host or any(c.isspace() for c in self.host):
             raise ConfigError(f"{k}host", f"expected an IP address or host name, got {self.host!r}")
         if not 0 <= self.port <= 65535:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +54,13 @@ STOP_WAIT = 5.0
 _RATES = (1000, 384000)
 _WIDTHS = (1, 2, 3, 4)
 _MAX_CHANNELS = 32
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
+    except ValueError:
+        return False
 
 
 class WyomingError(RuntimeError):
@@ -447,17 +456,49 @@ class WyomingServer:
         log.info("wyoming: listening on tcp://%s:%d (%d keywords)", *(self.address or ("?", 0)),
                  len(self.detector_settings().keywords))
         self._bound.set()
+        announcement = await self._announce() if self.settings.zeroconf else None
         try:
             while not part.stopping:
                 part.beat(2.0)
                 self._sweep()
                 await asyncio.sleep(0.2)
         finally:
+            if announcement is not None:
+                await self._withdraw(announcement)
             handlers = list(server._handlers)
             await server.stop()
             if handlers:
                 await asyncio.wait(handlers, timeout=2.0)
             log.info("wyoming: stopped listening")
+
+    async def _announce(self) -> Any:
+        """Announce ``_wyoming._tcp`` over mDNS with the library's Home Assistant helper; a failure is logged and
+        the service runs on without it (clients can still be pointed at host:port)."""
+        from wyoming.zeroconf import HomeAssistantZeroconf  # imports the zeroconf package: only when wanted
+
+        assert self.address is not None
+        name = self.settings.zeroconf_name or f"kwsd-{socket.gethostname().split('.')[0]}"
+        host = self.settings.host if _is_ipv4(self.settings.host) and self.settings.host != "0.0.0.0" else None
+        try:
+            announcement = HomeAssistantZeroconf(port=self.address[1], name=name, host=host)
+            await announcement.register_server()
+        except Exception as exc:  # no route for multicast, a name already taken, ...
+            log.error("wyoming.zeroconf: cannot announce %s: %s", name, describe(exc))
+            return None
+        log.info("wyoming: announced as %s._wyoming._tcp.local. at %s:%d", name, announcement.host,
+                 self.address[1])
+        return announcement
+
+    async def _withdraw(self, announcement: Any) -> None:
+        """Say goodbye over mDNS, so Home Assistant forgets the service now rather than at the record's expiry."""
+        aiozc = getattr(announcement, "_aiozc", None)  # the helper has no close of its own
+        if aiozc is None:
+            return
+        try:
+            await aiozc.async_unregister_all_services()
+            await aiozc.async_close()
+        except Exception as exc:
+            log.info("wyoming.zeroconf: withdrawing the announcement failed: %s", describe(exc))
 
     # -- clients (loop thread) ---------------------------------------------------------------------------------
 

@@ -472,6 +472,45 @@ def test_a_reload_that_rebuilds_the_detector_mid_stream_keeps_timestamps(
         thread.join(15)
 
 
+def test_zeroconf_announces_the_service_and_withdraws_it(model_path: Path, tmp_path: Path) -> None:
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    name = f"kwsd-test-{os.getpid()}"
+    daemon = Daemon(None, _settings(model_path, tmp_path, host="0.0.0.0", zeroconf=True, zeroconf_name=name))
+    thread = threading.Thread(target=daemon.serve, kwargs={"handle_signals": False}, daemon=True)
+    thread.start()
+
+    async def resolve(timeout_ms: int) -> AsyncServiceInfo | None:
+        async with AsyncZeroconf() as zc:
+            info = AsyncServiceInfo("_wyoming._tcp.local.", f"{name}._wyoming._tcp.local.")
+            return info if await info.async_request(zc.zeroconf, timeout_ms) else None
+
+    try:
+        deadline = time.monotonic() + 60
+        while daemon.wyoming is None or daemon.wyoming.address is None:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        port = daemon.wyoming.address[1]
+        found = None
+        while found is None and time.monotonic() < deadline:
+            found = asyncio.run(resolve(1000))
+        assert found is not None and found.port == port
+        address = found.parsed_addresses()[0]
+
+        async def describe_there() -> Info:  # the announced address really serves the protocol
+            async with AsyncTcpClient(address, port) as client:
+                await client.write_event(Describe().event())
+                event = await asyncio.wait_for(client.read_event(), 10)
+                assert event is not None
+                return Info.from_event(event)
+
+        assert [m.name for m in asyncio.run(describe_there()).wake[0].models] == [KEYWORD]
+    finally:
+        daemon.stop_event.set()
+        thread.join(15)
+    assert asyncio.run(resolve(1500)) is None, "the announcement outlived the daemon"
+
+
 # -- start-up, settings -----------------------------------------------------------------------------------------
 
 
@@ -497,6 +536,7 @@ def test_a_port_in_use_fails_the_start_naming_the_setting(model_path: Path, tmp_
     ("wyoming: {sites: {192.168.1.20: 'kitchen/left'}}", "wyoming.sites.192.168.1.20"),
     ("wyoming: {publish_mqtt: yes please}", "wyoming.publish_mqtt"),
     ("wyoming: {bogus: true}", "wyoming.bogus"),
+    ("wyoming: {zeroconf: true}", "wyoming.zeroconf"),  # on 127.0.0.1 nobody else could connect
 ])
 def test_bad_wyoming_settings_name_the_key(yaml_text: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
