@@ -252,6 +252,12 @@ class WyomingHandler(AsyncEventHandler):
                 except ProtocolError as exc:
                     self._limited.problem = f"{event.type}: {exc}"
                     break
+                except (ConnectionError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # a field of the wrong type deep in an event: this connection only
+                    log.debug("wyoming: client %s: %s event failed", self.peer, event.type, exc_info=exc)
+                    self._limited.problem = f"an unusable {event.type} event ({describe(exc)})"
+                    break
             if self._limited.problem:
                 reason = "closed"
                 log.warning("wyoming: client %s sent %s; closing the connection", self.peer, self._limited.problem)

@@ -329,6 +329,7 @@ BAD_EVENTS = {
     "a chunk of half frames": b'{"type": "audio-chunk", "data": {"rate": 16000, "width": 2, "channels": 2}, '
                               b'"payload_length": 6}\n\0\0\0\0\0\0',
     "names that are no list": b'{"type": "detect", "data": {"names": 7}}\n',
+    "data that is no mapping": b'{"type": "ping", "data": 5}\n',
 }
 
 
