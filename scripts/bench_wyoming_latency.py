@@ -86,6 +86,12 @@ async def stream(port: int, path: Path, chunk_ms: int) -> tuple[list[tuple[float
     return got, t0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -140,7 +146,10 @@ def main() -> int:
                 out += await asyncio.gather(*(stream(port, f, args.chunk_ms) for f in files[i : i + wave]))
             return out
 
+        cpu0, wall0 = cpu_seconds(daemon.pid), time.monotonic()
         results = asyncio.run(run_all())
+        cpu = cpu_seconds(daemon.pid) - cpu0
+        wall = time.monotonic() - wall0
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(20)
@@ -167,6 +176,8 @@ def main() -> int:
     if reported:
         print(f"in the daemon (audio after the keyword end when decided): median {statistics.median(reported):.0f} "
               f"ms, p90 {percentile(reported, 0.9):.0f} ms")
+    print(f"daemon CPU while streaming: {cpu:.1f} s in {wall:.1f} s ({100 * cpu / wall:.0f} % of one core) for "
+          f"{min(wave, len(files))} concurrent streams")
     print(f"floor: the model's look-ahead {LOOKAHEAD_MS} ms, plus 0..{STEP_MS} ms for a detector step to fill and "
           f"0..{args.chunk_ms} ms of chunking")
     return 0
