@@ -297,8 +297,9 @@ class WyomingHandler(AsyncEventHandler):
             self.names = self.server.resolve_names(names, self.peer)
         elif AudioStart.is_type(event.type):
             rate, width, channels = _audio_format(event.data, "audio-start")
-            if self.stream is not None:
-                self._end_stream(self.stream)
+            if self.stream is not None:  # a new stream without audio-stop: the old one's name is reused
+                stream, self.stream = self.stream, None
+                await self._finish(stream)
             self.stream = self._start_stream(rate, width, channels)
         elif AudioChunk.is_type(event.type):
             self._chunk(event)
@@ -349,6 +350,12 @@ class WyomingHandler(AsyncEventHandler):
 
     async def _stop_stream(self, stream: _Stream) -> None:
         """``audio-stop``: let the pipeline decide the last audio, then answer ``not-detected`` if nothing fired."""
+        await self._finish(stream)
+        if stream.detections == 0:
+            await self.write_event(NotDetected().event())
+
+    async def _finish(self, stream: _Stream) -> None:
+        """End a stream and wait until the pipeline has decided its last audio and dropped it."""
         loop = asyncio.get_running_loop()
         decided = loop.create_future()
 
@@ -369,8 +376,6 @@ class WyomingHandler(AsyncEventHandler):
                         STOP_WAIT)
         finally:
             self._stopping = None
-        if stream.detections == 0:
-            await self.write_event(NotDetected().event())
 
     def on_wake(self, stream: _Stream, event: WakeEvent) -> None:
         """Loop thread: a detection on one of this connection's streams."""

@@ -402,30 +402,35 @@ def test_max_clients_refuses_one_more(running: Running) -> None:
     wait_clean(running)
 
 
-def test_audio_stop_without_audio_and_a_second_stream_on_one_connection(running: Running,
-                                                                       positives: list[Path],
-                                                                       keyword_ends: dict[str, list[int]]) -> None:
-    """audio-stop with nothing streamed answers not-detected; a second audio-start restarts the timestamps."""
+def test_audio_stop_without_audio_and_more_streams_on_one_connection(
+        running: Running, positives: list[Path], keyword_ends: dict[str, list[int]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """audio-stop with nothing streamed answers not-detected; each new audio-start (with or without an audio-stop
+    before it) restarts the timestamps and keeps the client's site name."""
     audio = pcm16(read_wav(_by_name(positives, SHORT)))
 
     async def scenario() -> list[Event]:
         events: list[Event] = []
         async with AsyncTcpClient("127.0.0.1", running.port) as client:
             await client.write_event(AudioStop().event())
-            for _ in range(2):
+            for stop in (True, False, True):
                 await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
                 for i in range(0, len(audio.data), 3200):
                     await client.write_event(AudioChunk(16000, 2, 1, audio.data[i : i + 3200]).event())
-                await client.write_event(AudioStop().event())
+                if stop:
+                    await client.write_event(AudioStop().event())
             await client.write_event(Ping().event())
             while (event := await asyncio.wait_for(client.read_event(), 20)) is not None and event.type != "pong":
                 events.append(event)
         return events
 
-    events = asyncio.run(scenario())
-    assert [e.type for e in events] == ["not-detected", "detection", "detection"]
+    with caplog.at_level(logging.INFO, logger="kwsd.wyoming"):
+        events = asyncio.run(scenario())
+    assert [e.type for e in events] == ["not-detected", "detection", "detection", "detection"]
     for e in events[1:]:
         assert abs(Detection.from_event(e).timestamp - keyword_ends[SHORT][0]) <= TOLERANCE_MS  # type: ignore
+    sites = re.findall(r"as site (\S+)$", "\n".join(r.getMessage() for r in caplog.records), re.M)
+    assert sites == ["wyoming-127.0.0.1"] * 3, sites
     wait_clean(running)
 
 
