@@ -35,6 +35,7 @@ from kwsd.segments import Segment, SegmentRecorder
 from kwsd.settings import ConfigError, Settings
 from kwsd.systemd import Notifier, Watchdog
 from kwsd.toggles import ToggleState
+from kwsd.wyoming import WyomingError, WyomingServer
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Pipeline:
         self._rejected: dict[tuple[str, str], int] = {}  # (site, wakeword id): the count last seen
         self._site_reopens: dict[str, int] = {}
         self._restart: set[str] = set()  # sites whose device was reopened: the next audio starts a new stream
+        self._closing: dict[str, Callable[[], None] | None] = {}  # remote sites to end after their queued audio
 
     # -- streams --------------------------------------------------------------------------------------------
 
@@ -130,6 +132,13 @@ class Pipeline:
         if len(out):
             self.satellite_frame(site, out)
 
+    def satellite_close(self, site: str, done: Callable[[], None] | None = None) -> None:
+        """Any thread: end a remote site after its queued audio (flushing the detector's look-ahead), drop its
+        stream, buffer and segment, then call ``done`` on the pipeline thread."""
+        with self.satellite_lock:
+            self._closing[site] = done
+        self.daemon.wake_pipeline()
+
     # -- one pass -------------------------------------------------------------------------------------------
 
     def run_once(self, hub: AudioHub) -> bool:
@@ -151,6 +160,9 @@ class Pipeline:
             pending = {site: list(q) for site, q in self.satellite_audio.items() if q}
             for q in self.satellite_audio.values():
                 q.clear()
+            closing, self._closing = self._closing, {}
+            for site in closing:
+                self.satellite_audio.pop(site, None)
         for site, blocks in pending.items():
             if site not in self.sites:
                 self.sites[site] = _SiteState(device=f"satellite:{site}", next_sample=0, satellite=True)
@@ -178,7 +190,14 @@ class Pipeline:
             if not any(offset < samples.size for samples, _ in new.values()):
                 break
         self._count_rejections()
-        return got_audio
+        for site, done in closing.items():
+            if site in self.sites and self.sites[site].satellite:
+                for hit in self.detector.finish(site):
+                    self._wake(hit, hub)
+                self._drop(site)
+            if done is not None:
+                done()
+        return got_audio or bool(closing)
 
     def targets(self) -> dict[str, int]:
         """Per local site, the absolute capture index up to which audio completes the detector's next step."""
@@ -279,6 +298,7 @@ class Daemon:
         self._reopens: dict[str, int] = {}
         self._overruns: dict[str, int] = {}
         self._reconnects = 0
+        self.wyoming: WyomingServer | None = None
 
     # -- building -------------------------------------------------------------------------------------------
 
@@ -324,6 +344,17 @@ class Daemon:
             log.info("metrics on http://%s:%d/metrics", host, port)
         self._thread = threading.Thread(target=self._pipeline_loop, name="kwsd-pipeline", daemon=True)
         self._thread.start()
+        self._start_wyoming(s)
+
+    def _start_wyoming(self, s: Settings) -> None:
+        if not s.wyoming.enabled:
+            return
+        self.wyoming = WyomingServer(self, s.wyoming)
+        try:
+            self.wyoming.start()
+        except WyomingError as exc:
+            self.wyoming = None
+            raise StartupError(str(exc)) from exc
 
     # -- pipeline thread ------------------------------------------------------------------------------------
 
@@ -381,7 +412,15 @@ class Daemon:
             if self.publisher is not None:
                 self.publisher.start()
         elif self.publisher is not None:
-            self.publisher.update_sites(list(self.pipeline.sites))
+            self.publisher.update_sites([s for s in self.pipeline.sites if self.mqtt_site(s)])
+        if new.wyoming != old.wyoming:
+            if self.wyoming is not None:
+                self.wyoming.stop()
+                self.wyoming = None
+            try:
+                self._start_wyoming(new)
+            except StartupError as exc:
+                log.error("%s; the Wyoming service stays off until the next reload", exc)
         self.settings = new
         log.info("configuration reloaded: %d sites", len(self.pipeline.sites))
         self.notifier.ready(self.status_line())
@@ -397,14 +436,20 @@ class Daemon:
 
     def publisher_sites_changed(self) -> None:
         if self.publisher is not None and self.pipeline is not None:
-            self.publisher.update_sites(list(self.pipeline.sites))
+            self.publisher.update_sites([s for s in self.pipeline.sites if self.mqtt_site(s)])
+
+    def mqtt_site(self, site: str) -> bool:
+        """Whether a site's wakes and segments go to MQTT (Wyoming clients' only with wyoming.publish_mqtt)."""
+        return self.wyoming is None or self.wyoming.mqtt_site(site)
 
     def publish_wake(self, event: WakeEvent) -> None:
-        if self.publisher is not None:
+        if self.wyoming is not None:
+            self.wyoming.put_wake(event)
+        if self.publisher is not None and self.mqtt_site(event.site_id):
             self.publisher.publish_wake(event)
 
     def publish_segment(self, segment: Segment) -> None:
-        if self.publisher is not None:
+        if self.publisher is not None and self.mqtt_site(segment.site):
             self.publisher.publish_segment(segment)
             log.info("segment %s: %.1f s from site %s (%s)", segment.session_id, segment.duration, segment.site,
                      segment.reason)
@@ -505,6 +550,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.notifier.stopping("stopping")
+        if self.wyoming is not None:
+            self.wyoming.stop()
         self.stop_event.set()
         self.wake_pipeline()
         if self._thread is not None:
