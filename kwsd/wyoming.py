@@ -35,6 +35,7 @@ from wyoming.server import AsyncEventHandler, AsyncTcpServer
 from wyoming.wake import Detect, Detection, NotDetected
 
 from kwsd import __version__
+from kwsd.audio.hub import REMOTE_RATES, RemoteInput, RemoteRefused
 from kwsd.audio.resample import StreamResampler
 from kwsd.lifecycle import Liveness, Part, describe, supervise
 from kwsd.mqtt.messages import WakeEvent
@@ -42,15 +43,19 @@ from kwsd.settings import DetectorSettings, WyomingSettings
 
 if TYPE_CHECKING:
     from kwsd.segments import Segment
-    from kwsd.supervisor import Daemon, Pipeline
+    from kwsd.supervisor import Daemon
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 MODEL_NAME = "ModelScope iic/speech_charctc_kws_phone-xiaoyun (Apache-2.0)"
 MODEL_URL = "https://modelscope.cn/models/iic/speech_charctc_kws_phone-xiaoyun"
+ORIGIN = "wyoming"
+"""The hub's origin of Wyoming clients' remote sites (their device reads ``wyoming:<siteId>``)."""
 STOP_WAIT = 5.0
 """Seconds ``audio-stop`` waits for the pipeline to decide the stream's last audio before answering."""
+WRITE_WAIT = 5.0
+"""Seconds a block of audio waits for room in the hub before it is written anyway (the ring's overrun counts it)."""
 _RATES = (1000, 384000)
 _WIDTHS = (1, 2, 3, 4)
 _MAX_CHANNELS = 32
@@ -69,6 +74,10 @@ class WyomingError(RuntimeError):
 
 class ProtocolError(ValueError):
     """A client sent something this service refuses (malformed or oversized); its connection is closed."""
+
+
+class StreamRefused(RuntimeError):
+    """The audio hub cannot take another remote site now; the client is told and its connection closed."""
 
 
 def wyoming_info(detector: DetectorSettings) -> Info:
@@ -97,61 +106,75 @@ def wyoming_info(detector: DetectorSettings) -> Info:
     return Info(wake=[program])
 
 
-class PipelineRemote:
-    """One Wyoming audio stream fed to the daemon's pipeline as a remote site.
+class RemoteStream:
+    """One Wyoming audio stream: a remote input of the daemon's audio hub (``hub.remote(site, "wyoming")``).
 
-    The same shape as the hub's remote inputs (``write(samples, rate)``, ``close()``): 16-bit mono audio at any
-    rate in, resampled here to 16 kHz with kwsd's streaming polyphase filter and queued on the pipeline with
-    ``Pipeline.satellite_frame``. ``close`` hands the end of the stream to the pipeline, which decides the last
-    audio, drops the stream and then calls ``done`` on its own thread.
+    Audio at any rate goes in with ``write`` (the hub resamples the rates it supports; others are resampled here
+    first). A TCP client is slowed down rather than dropped: ``write`` waits while the input's ring is nearly
+    full or the hub's flood limit holds the block back, which stops reading the connection, so TCP pushes back.
+    ``close`` hands the end of the stream to the pipeline, which decides the last audio (the model's look-ahead
+    included), hands on the last detections, drops the site and then calls ``done`` on its own thread.
     """
 
     def __init__(self, daemon: Daemon, site: str) -> None:
         self.daemon = daemon
         self.site = site
-        self.written = 0
-        """16 kHz samples handed to the pipeline."""
+        self._base = 0  # 16 kHz samples of this stream held by inputs the hub has already dropped
         self._resampler: StreamResampler | None = None
-        self._pipeline: Pipeline | None = None
-        self._base = 0  # samples written before the current pipeline's stream began (a reload restarts it)
+        self._input = self._open()
         self.closed = False
-        self.closed_at = 0.0
-        """Monotonic time of ``close``."""
 
-    def write(self, samples: np.ndarray, rate: int) -> None:
-        """Queue int16 mono ``samples`` at ``rate`` Hz."""
-        if self.closed:
+    def _open(self) -> RemoteInput:
+        hub = self.daemon.hub
+        if hub is None:
+            raise RemoteRefused("the daemon's audio hub is not running")
+        return hub.remote(self.site, ORIGIN)
+
+    @property
+    def written(self) -> int:
+        """16 kHz samples of this stream handed to the hub since ``audio-start``."""
+        return self._base + self._input.ring.end
+
+    async def write(self, samples: np.ndarray, rate: int) -> None:
+        """Hand int16 mono ``samples`` at ``rate`` Hz to the hub, waiting while it cannot take them."""
+        if self.closed or not samples.size:
             return
-        if self._resampler is None or self._resampler.rate_in != rate:
-            if self._resampler is not None:
-                log.info("site %s: audio rate changed from %d to %d Hz", self.site, self._resampler.rate_in, rate)
-            self._resampler = StreamResampler(rate, SAMPLE_RATE)
-        out = self._resampler.process(samples)
-        pipeline = self.daemon.pipeline
-        if pipeline is None or not out.size:
-            return
-        if pipeline is not self._pipeline:
-            # A reload replaced the pipeline: its stream for this site starts at the audio written from now on.
-            self._pipeline, self._base = pipeline, self.written
-        pipeline.satellite_frame(self.site, out)
-        self.written += int(out.size)
+        if rate not in REMOTE_RATES:
+            if self._resampler is None or self._resampler.rate_in != rate:
+                self._resampler = StreamResampler(rate, SAMPLE_RATE)
+            samples, rate = self._resampler.process(samples), SAMPLE_RATE
+            if not samples.size:
+                return
+        seconds = samples.size / rate
+        give_up = time.monotonic() + WRITE_WAIT
+        while True:
+            inp = self._input
+            if inp.closed:
+                # The hub dropped the site (no audio for mqtt.satellites.idle_timeout): the stream goes on in a
+                # new input of the same site, its timestamps still counted from audio-start.
+                log.info("wyoming: site %s: the hub dropped the idle stream; it starts again", self.site)
+                self._base += inp.ring.end
+                self._input = self._open()
+                continue
+            late = time.monotonic() > give_up
+            if not late and inp.backlog + seconds * SAMPLE_RATE > inp.capacity * 3 // 4:
+                await asyncio.sleep(0.01)  # the pipeline has not read the ring yet
+                continue
+            if inp.write(samples, rate) or late or inp.closing:
+                return
+            await asyncio.sleep(seconds / 2)  # faster than the hub's flood limit (2x real time): slow down
 
     def stream_ms(self, event: WakeEvent) -> int:
         """Milliseconds of this stream's audio up to the end of the event's keyword."""
-        return round((self._base + event.end * SAMPLE_RATE) * 1000 / SAMPLE_RATE)
+        return round(self._base * 1000 / SAMPLE_RATE + event.end * 1000)
 
     def close(self, done: Callable[[], None] | None = None) -> None:
-        """End the stream; ``done`` runs on the pipeline thread once its last audio is decided and it is gone."""
+        """End the stream; ``done`` runs once its last audio is decided and the site is gone (on the pipeline
+        thread, or at once when the hub had already dropped it)."""
         if self.closed:
             return
         self.closed = True
-        self.closed_at = time.monotonic()
-        pipeline = self.daemon.pipeline
-        if pipeline is None:
-            if done is not None:
-                done()
-            return
-        pipeline.satellite_close(self.site, done)
+        self._input.close(done)
 
 
 class _LimitedReader:
@@ -201,7 +224,7 @@ def _audio_format(data: dict[str, Any], what: str) -> tuple[int, int, int]:
 class _Stream:
     """One ``audio-start`` .. ``audio-stop`` of a connection."""
 
-    def __init__(self, remote: PipelineRemote, rate: int, width: int, channels: int) -> None:
+    def __init__(self, remote: RemoteStream, rate: int, width: int, channels: int) -> None:
         self.remote = remote
         self.rate, self.width, self.channels = rate, width, channels
         self.converter = AudioChunkConverter(width=2)  # sample width only; channels and rate are done here
@@ -251,6 +274,12 @@ class WyomingHandler(AsyncEventHandler):
                         break
                 except ProtocolError as exc:
                     self._limited.problem = f"{event.type}: {exc}"
+                    break
+                except StreamRefused as exc:
+                    reason = "refused"
+                    log.warning("wyoming: client %s: stream refused: %s; closing the connection", self.peer, exc)
+                    with contextlib.suppress(ConnectionError, OSError):
+                        await self.write_event(Error(text=f"kwsd: {exc}", code="stream-refused").event())
                     break
                 except (ConnectionError, asyncio.CancelledError):
                     raise
@@ -302,7 +331,7 @@ class WyomingHandler(AsyncEventHandler):
                 await self._finish(stream)
             self.stream = self._start_stream(rate, width, channels)
         elif AudioChunk.is_type(event.type):
-            self._chunk(event)
+            await self._chunk(event)
         elif AudioStop.is_type(event.type):
             if self.stream is not None:
                 stream, self.stream = self.stream, None
@@ -317,13 +346,18 @@ class WyomingHandler(AsyncEventHandler):
 
     def _start_stream(self, rate: int, width: int, channels: int) -> _Stream:
         site = self.server.claim_site(self.host)
+        try:
+            remote = RemoteStream(self.server.daemon, site)
+        except RemoteRefused as exc:
+            self.server.release(site, None)
+            raise StreamRefused(str(exc)) from exc
         log.info("wyoming: client %s streams %d Hz, %d-bit, %d ch as site %s", self.peer, rate, 8 * width,
                  channels, site)
-        stream = _Stream(PipelineRemote(self.server.daemon, site), rate, width, channels)
+        stream = _Stream(remote, rate, width, channels)
         self.server.register(site, self, stream)
         return stream
 
-    def _chunk(self, event: Event) -> None:
+    async def _chunk(self, event: Event) -> None:
         rate, width, channels = _audio_format(event.data, "audio-chunk")
         audio = event.payload or b""
         if len(audio) % (width * channels):
@@ -336,7 +370,7 @@ class WyomingHandler(AsyncEventHandler):
         samples = np.frombuffer(converted.audio, dtype="<i2")
         if channels > 1:
             samples = np.rint(samples.reshape(-1, channels).mean(axis=1)).astype(np.int16)
-        stream.remote.write(samples, rate)
+        await stream.remote.write(samples, rate)
 
     def _end_stream(self, stream: _Stream, done: Callable[[], None] | None = None) -> None:
         site = stream.remote.site
@@ -415,7 +449,6 @@ class WyomingServer:
         self._handlers: set[WyomingHandler] = set()
         self._streams: dict[str, tuple[WyomingHandler, _Stream]] = {}
         self._sites_in_use: set[str] = set()  # claimed and not yet released by the pipeline
-        self._own_sites: set[str] = set()  # every site name this service has used
         self._refusals = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -471,7 +504,6 @@ class WyomingServer:
         try:
             while not part.stopping:
                 part.beat(2.0)
-                self._sweep()
                 await asyncio.sleep(0.2)
         finally:
             if announcement is not None:
@@ -548,44 +580,29 @@ class WyomingServer:
         return wanted
 
     def claim_site(self, host: str) -> str:
+        """A siteId for a new stream from ``host``: its configured name, else ``wyoming-<host>``; ``-2``, ``-3``,
+        ... while that is in use by another stream, a microphone or an MQTT satellite."""
         base = self.settings.sites.get(host) or f"wyoming-{host}"
-        pipeline = self.daemon.pipeline
-
-        def taken(name: str) -> bool:  # by a microphone or an MQTT satellite (one dict lookup: thread-safe)
-            return pipeline is not None and name in pipeline.sites and name not in self._own_sites
-
+        hub = self.daemon.hub
+        others = set(hub.sites()) if hub is not None else set()
         with self._lock:
             name, n = base, 2
-            while name in self._sites_in_use or taken(name):
+            while name in self._sites_in_use or name in others:
                 name = f"{base}-{n}"
                 n += 1
-            self._sites_in_use.add(name)
-            self._own_sites.add(name)
+            self._sites_in_use.add(name)  # before the hub learns of it: mqtt_site must already know it is ours
         return name
 
     def register(self, site: str, handler: WyomingHandler, stream: _Stream) -> None:
         with self._lock:
             self._streams[site] = (handler, stream)
 
-    def release(self, site: str, stream: _Stream) -> None:
-        """Pipeline thread: the site's stream is gone; its name can be reused."""
+    def release(self, site: str, stream: _Stream | None) -> None:
+        """The site's stream is gone (its last detections and segment handed on); its name can be reused."""
         with self._lock:
-            if self._streams.get(site, (None, None))[1] is stream:
+            if stream is not None and self._streams.get(site, (None, None))[1] is stream:
                 del self._streams[site]
             self._sites_in_use.discard(site)
-
-    def _sweep(self) -> None:
-        """Release streams whose end the pipeline will never confirm: a reload replaced the pipeline that was
-        asked to close them (the new one never had them)."""
-        pipeline = self.daemon.pipeline
-        now = time.monotonic()
-        with self._lock:
-            lost = [(site, stream) for site, (_, stream) in self._streams.items()
-                    if stream.remote.closed and now - stream.remote.closed_at > STOP_WAIT
-                    and (pipeline is None or site not in pipeline.sites)]
-        for site, stream in lost:
-            log.info("wyoming: site %s: released after a reload replaced its pipeline", site)
-            self.release(site, stream)
 
     @property
     def streams(self) -> list[str]:
@@ -609,5 +626,6 @@ class WyomingServer:
         """Segments are not part of the Wyoming wake protocol."""
 
     def mqtt_site(self, site: str) -> bool:
-        """Whether a site's events go to MQTT: every site but this service's, unless ``publish_mqtt``."""
-        return self.settings.publish_mqtt or site not in self._own_sites
+        """Whether a site's events go to MQTT: every site but this service's, unless ``publish_mqtt``. Any
+        thread (a set lookup)."""
+        return self.settings.publish_mqtt or site not in self._sites_in_use

@@ -89,19 +89,17 @@ def running(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def leftovers(r: Running) -> dict[str, object]:
-    """What the daemon still holds for Wyoming clients: pipeline sites, queues, detector streams, tasks."""
+    """What the daemon still holds for Wyoming clients: hub inputs, pipeline sites, detector streams, tasks."""
     d = r.daemon
-    assert d.pipeline is not None and d.wyoming is not None and d.wyoming._loop is not None
+    assert d.pipeline is not None and d.hub is not None and d.wyoming is not None and d.wyoming._loop is not None
     p = d.pipeline
 
     async def tasks() -> list[str]:
         return sorted(t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task())
 
-    with p.satellite_lock:
-        queues = list(p.satellite_audio)
     return {
         "pipeline sites": sorted(p.sites),
-        "satellite queues": queues,
+        "hub remote inputs": d.hub.remote_sites(),
         "detector streams": p.detector.streams,
         "server streams": d.wyoming.streams,
         "connections": d.wyoming.clients,
@@ -109,7 +107,7 @@ def leftovers(r: Running) -> dict[str, object]:
     }
 
 
-CLEAN = {"pipeline sites": [], "satellite queues": [], "detector streams": [], "server streams": [],
+CLEAN = {"pipeline sites": [], "hub remote inputs": [], "detector streams": [], "server streams": [],
          "connections": 0, "loop tasks": 1}  # the one task left is the server's own
 
 
@@ -437,7 +435,7 @@ def test_audio_stop_without_audio_and_more_streams_on_one_connection(
 def test_a_reload_that_rebuilds_the_detector_mid_stream_keeps_timestamps(
         model_path: Path, positives: list[Path], keyword_ends: dict[str, list[int]], tmp_path: Path) -> None:
     """SIGHUP-style reload with new detector settings while a client streams on: the stream continues on the new
-    pipeline, the next keyword is still detected with its timestamp counted from the client's audio-start."""
+    detector, the next keyword is still detected with its timestamp counted from the client's audio-start."""
     def config(refractory: float) -> str:
         return yaml.safe_dump({
             "model": {"path": str(model_path), "providers": ["CPUExecutionProvider"]},
@@ -459,15 +457,16 @@ def test_a_reload_that_rebuilds_the_detector_mid_stream_keeps_timestamps(
             assert time.monotonic() < deadline and thread.is_alive()
             time.sleep(0.05)
         short = read_wav(_by_name(positives, SHORT))
-        first_pipeline = daemon.pipeline
+        assert daemon.pipeline is not None
+        first_detector = daemon.pipeline.detector
 
         def reload(_: Detection) -> None:
-            if daemon.pipeline is first_pipeline:
+            if daemon.pipeline is not None and daemon.pipeline.detector is first_detector:
                 path.write_text(config(1.2), encoding="utf-8")
                 daemon.request_reload()
 
         result = asyncio.run(stream(r.port, pcm16(np.concatenate([short, short])), on_detection=reload))
-        assert daemon.pipeline is not first_pipeline, "the reload did not rebuild the pipeline"
+        assert daemon.pipeline.detector is not first_detector, "the reload did not swap in a new detector"
         expected = [e + k * round(short.size / 16) for k in (0, 1) for e in keyword_ends[SHORT]]
         got = [d.timestamp or 0 for d in result.detections]
         assert len(got) == 2 and all(abs(t - e) <= TOLERANCE_MS for t, e in zip(got, expected, strict=True)), (
@@ -612,7 +611,7 @@ def test_kwsd_run_mirrors_wyoming_wakes_to_mqtt_after_a_reload(broker: Broker, m
         second = asyncio.run(stream(port, audio, realtime=False))
         assert [d.name for d in second.detections] == [KEYWORD]
         wake = json.loads(sub.wait_for(1, "kwsd/satroom/wake")[0].payload)
-        assert wake["siteId"] == "satroom" and wake["wakewordId"] == KEYWORD and wake["device"] == "satellite:satroom"
+        assert wake["siteId"] == "satroom" and wake["wakewordId"] == KEYWORD and wake["device"] == "wyoming:satroom"
         hermes = json.loads(sub.wait_for(1, f"hermes/hotword/{KEYWORD}/detected")[0].payload)
         assert hermes["siteId"] == "satroom"
     finally:
