@@ -516,6 +516,95 @@ def test_zeroconf_announces_the_service_and_withdraws_it(model_path: Path, tmp_p
     assert asyncio.run(resolve(1500)) is None, "the announcement outlived the daemon"
 
 
+def test_the_watchdog_sees_a_stuck_server_loop(running: Running) -> None:
+    """The server's thread beats into the daemon's liveness: a handler that blocks the event loop makes it late,
+    so STATUS names it and the watchdog pings stop (the pings themselves are driven in test_service_systemd)."""
+    wait_clean(running)
+    d = running.daemon
+    part = d.liveness.get("wyoming")
+    assert part is not None and part.state == "running" and "wyoming" not in d.liveness.overdue()
+    assert d.wyoming is not None and d.wyoming._loop is not None
+    d.wyoming._loop.call_soon_threadsafe(time.sleep, 3.5)  # what a blocking call in a handler does
+    deadline = time.monotonic() + 5
+    while "wyoming" not in d.liveness.overdue():
+        assert time.monotonic() < deadline, "a stuck event loop went unnoticed"
+        time.sleep(0.05)
+    assert "wyoming not responding" in d.status_line()
+    while "wyoming" in d.liveness.overdue():
+        assert time.monotonic() < deadline + 5, "the server did not beat again after the loop came back"
+        time.sleep(0.05)
+    wait_clean(running)
+
+
+def test_a_stream_dropped_as_idle_goes_on_and_a_reload_turns_the_service_off(
+        model_path: Path, positives: list[Path], keyword_ends: dict[str, list[int]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A client that pauses longer than mqtt.satellites.idle_timeout loses its hub input; its next chunk opens a
+    new one of the same site and the timestamps still count the stream's audio since audio-start. A reload with
+    wyoming.enabled false then stops the server: its part is stopped (not late) and the port closed."""
+    def config(enabled: bool) -> str:
+        return yaml.safe_dump({
+            "model": {"path": str(model_path), "providers": ["CPUExecutionProvider"]},
+            "mqtt": {"enabled": False, "satellites": {"idle_timeout": 1.0}},
+            "wyoming": {"enabled": enabled, "port": 0},
+            "service": {"state_dir": str(tmp_path / "state")},
+        }, allow_unicode=True)
+
+    path = tmp_path / "config.yaml"
+    path.write_text(config(True), encoding="utf-8")
+    daemon = Daemon(path, settings_mod.load(path))
+    thread = threading.Thread(target=daemon.serve, kwargs={"handle_signals": False}, daemon=True)
+    thread.start()
+    audio = pcm16(read_wav(_by_name(positives, SHORT)))
+
+    async def scenario(port: int) -> list[Event]:
+        events: list[Event] = []
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+            for half in (0, 1):
+                for i in range(0, len(audio.data), 3200):
+                    await client.write_event(AudioChunk(16000, 2, 1, audio.data[i : i + 3200]).event())
+                if half == 0:  # the server takes the chunks (at its pace), then hears nothing for a while
+                    deadline = time.monotonic() + 20
+                    seen = False
+                    while not seen or (daemon.hub is not None and daemon.hub.remote_sites()):
+                        assert time.monotonic() < deadline, "the hub did not drop the idle stream"
+                        seen = seen or bool(daemon.hub is not None and daemon.hub.remote_sites())
+                        await asyncio.sleep(0.02)
+            await client.write_event(AudioStop().event())
+            await client.write_event(Ping().event())
+            while (event := await asyncio.wait_for(client.read_event(), 20)) is not None and event.type != "pong":
+                events.append(event)
+        return events
+
+    try:
+        deadline = time.monotonic() + 60
+        while daemon.wyoming is None or daemon.wyoming.address is None:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        port = daemon.wyoming.address[1]
+        with caplog.at_level(logging.INFO):
+            events = asyncio.run(scenario(port))
+        assert [e.type for e in events] == ["detection", "detection"], events
+        expected = [keyword_ends[SHORT][0] + k * round(audio.seconds * 1000) for k in (0, 1)]
+        got = [Detection.from_event(e).timestamp or 0 for e in events]
+        assert all(abs(t - e) <= TOLERANCE_MS for t, e in zip(got, expected, strict=True)), (got, expected)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("remote wyoming dropped (no audio for" in m for m in messages), messages
+        assert any("the hub dropped the idle stream; it starts again" in m for m in messages), messages
+
+        path.write_text(config(False), encoding="utf-8")
+        assert daemon.reload()
+        assert daemon.wyoming is None
+        part = daemon.liveness.get("wyoming")
+        assert part is not None and part.state == "stopped" and "wyoming" not in daemon.liveness.overdue()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        daemon.stop_event.set()
+        thread.join(15)
+
+
 # -- start-up, settings -----------------------------------------------------------------------------------------
 
 
