@@ -224,6 +224,19 @@ def _by_name(files: list[Path], name: str) -> Path:
     return next(f for f in files if f.name == name)
 
 
+def test_the_reference_keyword_end_is_where_the_speech_ends(positives: list[Path],
+                                                            keyword_ends: dict[str, list[int]]) -> None:
+    """The timestamps below are checked against ``kwsd detect``'s keyword end (the peak of the last syllable, the
+    ``end`` of every wake event); on the clean example it lies just before the speech's last loud 10 ms frame
+    (within 10 dB of the loudest), so 'within 100 ms of it' means within 100 ms of the keyword in the audio."""
+    x = read_wav(_by_name(positives, SHORT)).astype(np.float64)
+    frames = x[: x.size // 160 * 160].reshape(-1, 160)
+    level = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-9)
+    speech_end = (int(np.nonzero(level > level.max() - 10)[0][-1]) + 1) * 10
+    assert len(keyword_ends[SHORT]) == 1 and 0 <= speech_end - keyword_ends[SHORT][0] <= TOLERANCE_MS, (
+        speech_end, keyword_ends[SHORT])
+
+
 # -- tests ----------------------------------------------------------------------------------------------------
 
 
