@@ -236,7 +236,7 @@ class Pipeline:
                 continue
             self.sites[site] = st
             det.add_stream(site, start)
-            log.info("site %s: listening on %s", site, st.device)
+            log.info("site %s: input %s", site, st.device)
         known = set(current)
         for site in [s for s in self.sites if s not in known]:
             self._drop(site)

@@ -307,7 +307,7 @@ class Daemon:
                     if self.publisher is not None:
                         self.publisher.set_site_available(site, up)
                     log.info("site %s: %s", site, "available again" if up else
-                             f"unavailable ({st.state}: {st.last_error or st.device})")
+                             f"unavailable (input {name}: {st.state})")
         return changed
 
     def _count(self, key: str, source: object, value: int, add: Callable[[int], None]) -> None:

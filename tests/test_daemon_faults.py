@@ -221,7 +221,7 @@ def test_reload_is_a_transaction(model_path: Path, tmp_path: Path, notify: Notif
         assert daemon.pipeline.parts is not parts and daemon.pipeline.parts.session is parts.session
         assert parts.detector._pool is None and parts.detector.threads == 1  # closed
         assert daemon.publisher is not publisher and daemon.outbox is outbox
-        assert publisher._thread is None  # stopped and joined
+        assert not publisher.connection.alive  # stopped and joined
         assert daemon.toggles.reasons("hall") == frozenset({"tts"})
         assert daemon.liveness.get("pipeline").restarts == 0  # type: ignore[union-attr]
 

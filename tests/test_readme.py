@@ -52,7 +52,7 @@ def test_every_metric_is_listed_with_a_line() -> None:
     listed = {row[0].strip("`").split("{")[0]: row[1] for row in table_rows("## Metrics")}
     exposed = set()
     for family in Metrics().registry.collect():
-        exposed.add(family.name + ("_total" if family.type == "counter" else ""))
+        exposed.add(family.name + {"counter": "_total", "info": "_info"}.get(family.type, ""))
     assert set(listed) == exposed
     assert all(len(text) > 20 for text in listed.values())
 
