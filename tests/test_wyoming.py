@@ -445,6 +445,18 @@ def test_audio_stop_without_audio_and_more_streams_on_one_connection(
     wait_clean(running)
 
 
+def test_a_whole_recording_in_one_chunk(running: Running, positives: list[Path],
+                                        keyword_ends: dict[str, list[int]]) -> None:
+    """One 850 KB audio-chunk (4.5 s of 48 kHz stereo, twice the hub's ring for the site) is taken in pieces as
+    the pipeline reads them, none lost: the keyword is detected at its place."""
+    audio = pcm48_stereo(read_wav(_by_name(positives, SHORT)))
+    assert len(audio.data) <= WyomingSettings().max_event_bytes and audio.seconds > 4
+    result = asyncio.run(stream(running.port, audio, chunk_ms=round(audio.seconds * 1000) + 1000, realtime=False))
+    assert [d.name for d in result.detections] == [KEYWORD] and not result.errors, result
+    assert abs((result.detections[0].timestamp or 0) - keyword_ends[SHORT][0]) <= TOLERANCE_MS
+    wait_clean(running)
+
+
 def test_a_reload_that_rebuilds_the_detector_mid_stream_keeps_timestamps(
         model_path: Path, positives: list[Path], keyword_ends: dict[str, list[int]], tmp_path: Path) -> None:
     """SIGHUP-style reload with new detector settings while a client streams on: the stream continues on the new
