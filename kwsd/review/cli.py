@@ -205,23 +205,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "its audio; mark false wakes and misses, export them for kwsd eval, see the "
                             "effective wake rate.")
     rsub = review.add_subparsers(dest="review_command", metavar="ACTION", required=True)
-    p = rsub.add_parser("list", help="list wakes and near misses (time, site, score, verdict, file)")
+    p = rsub.add_parser("list", help="list wakes and near misses (time, site, score, verdict, file)",
+                        description="List what the archive kept, oldest first: UTC time, kind, site, score and "
+                        "threshold, verdict, sessionId and the WAV file; filter by site, verdict, kind, score and "
+                        "date.")
     _common(p)
     _filters(p)
     p.add_argument("--json", action="store_true", help="print the sidecars as JSON")
     p.set_defaults(func=_run(cmd_list))
-    p = rsub.add_parser("mark", help="record a verdict on a session")
+    p = rsub.add_parser("mark", help="record a verdict on a session",
+                        description="Record a verdict in a wake's or near miss's sidecar, as the MQTT feedback "
+                        "topic does: false_wake or wake on a wake, missed on a near miss that was the keyword.")
     _common(p)
     p.add_argument("session", metavar="SESSION", help="sessionId of the wake or near miss")
     p.add_argument("verdict", choices=VERDICTS, help="false_wake, wake (confirmed) or missed (a near miss was "
                    "the keyword)")
     p.set_defaults(func=_run(cmd_mark))
-    p = rsub.add_parser("export", help="copy reviewed clips into OUT/positive and OUT/negative for kwsd eval")
+    p = rsub.add_parser("export", help="copy reviewed clips into OUT/positive and OUT/negative for kwsd eval",
+                        description="Copy the reviewed clips by verdict: confirmed wakes and missed near misses "
+                        "into OUT/positive, false wakes into OUT/negative, ready for kwsd eval --positive "
+                        "OUT/positive --negative OUT/negative.")
     _common(p)
     _filters(p)
     p.add_argument("out", type=Path, metavar="OUT", help="folder to create positive/ and negative/ in")
     p.set_defaults(func=_run(cmd_export))
-    p = rsub.add_parser("stats", help="wakes, false, confirmed, missed and the effective wake rate per site and day")
+    p = rsub.add_parser("stats", help="wakes, false, confirmed, missed and the effective wake rate per site and day",
+                        description="Per site, keyword and day, and over the window: wakes, false, confirmed and "
+                        "missed wakes, unreviewed wakes, near misses and the effective wake rate (the metrics' "
+                        "figures).")
     _common(p)
     p.add_argument("--site", action="append", help="only this site (repeatable)")
     p.add_argument("--days", type=float, help="days back (default: review.window_days)")
