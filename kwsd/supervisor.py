@@ -433,7 +433,7 @@ class Daemon:
             return False
         self.notifier.reloading("reloading configuration")
         try:
-            new = settings_mod.load(self.config_path)
+            new = settings_mod.load_for_run(self.config_path, self.settings)
             if new.model != self.settings.model:
                 ModelSession(new.model.path, ("CPUExecutionProvider",))  # validate before switching
             if new.detector != self.settings.detector and self.session is not None:
