@@ -56,9 +56,29 @@ def _show(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _is_host(value: str) -> bool:
+    """A host name (ASCII or internationalised) or an IPv4/IPv6 address, as a resolver accepts it."""
+    if not value or len(value) > 253 or value.startswith("-"):
+        return False
+    if re.fullmatch(r"[A-Za-z0-9._:%-]+", value):
+        return True
+    try:
+        value.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+def _unfit_for_mqtt(char: str) -> bool:
+    """Control characters and Unicode non-characters: mosquitto drops a client whose topic or id has one."""
+    code = ord(char)
+    return code <= 0x1F or 0x7F <= code <= 0x9F or 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE
+
+
 def check_topic_level(key: str, value: str, what: str = "siteId") -> None:
     """``value`` must fit one MQTT topic level: non-empty, at most ``TOPIC_LEVEL_MAX`` characters, none of
-    ``/ + #`` or NUL (a broker drops the connection of a client that publishes such a topic)."""
+    ``/ + #``, no control character (NUL, tab, ...) or Unicode non-character. A broker drops the connection of a
+    client that publishes to a topic with one of those."""
     if not value:
         raise ConfigError(key, f"{what} must not be empty")
     if len(value) > TOPIC_LEVEL_MAX:
@@ -67,6 +87,10 @@ def check_topic_level(key: str, value: str, what: str = "siteId") -> None:
     if bad:
         listed = " ".join("NUL" if c == "\x00" else repr(c) for c in bad)
         raise ConfigError(key, f"{what} {_show(value)} cannot be an MQTT topic level (contains {listed})")
+    odd = next((c for c in value if _unfit_for_mqtt(c)), None)
+    if odd is not None:
+        raise ConfigError(key, f"{what} {_show(value)} cannot be an MQTT topic level (contains the control or "
+                          f"non-character U+{ord(odd):04X})")
 
 
 def check_topic_prefix(key: str, value: str) -> None:
@@ -174,6 +198,10 @@ class DetectorSettings:
 # --- audio inputs (kwsd/audio) ---------------------------------------------------------------------------------
 
 
+RING_BYTES_MAX = 2 << 30
+"""Largest capture ring of one input (``buffer_seconds`` × rate × channels × 2 bytes)."""
+
+
 @dataclass(frozen=True)
 class InputSettings:
     """One capture device, file or stdin; its channels feed one site each."""
@@ -248,17 +276,24 @@ class InputSettings:
                 raise ConfigError(f"{pre}sites", f"siteId {_show(site)} is used by more than one channel")
         _bound(f"{pre}block_ms", self.block_ms, 1, 1000, unit="ms")
         _bound(f"{pre}buffer_seconds", self.buffer_seconds, 1.0, 600.0, unit="seconds")
-        _bound(f"{pre}stall_timeout", self.stall_timeout, 0.0, 3600.0, lo_open=True, unit="seconds")
+        ring = self.buffer_seconds * (self.rate or 48000) * (self.channels or 2) * 2
+        if ring > RING_BYTES_MAX:
+            raise ConfigError(f"{pre}buffer_seconds", f"a ring of {ring / 2**30:.1f} GiB at {self.rate or 48000} Hz "
+                              f"and {self.channels or 2} channels is more than {RING_BYTES_MAX >> 30} GiB")
+        _bound(f"{pre}stall_timeout", self.stall_timeout, 0.05, 3600.0, unit="seconds")
+        if self.stall_timeout <= self.block_ms / 1000:
+            raise ConfigError(f"{pre}stall_timeout", f"must be longer than one capture block ({self.block_ms} ms), "
+                              f"got {_show(self.stall_timeout)}")
         if len(self.reopen_backoff) != 2:
             raise ConfigError(
                 f"{pre}reopen_backoff",
                 f"needs two numbers [first, longest], got {len(self.reopen_backoff)} numbers"
             )
         lo, hi = self.reopen_backoff
-        if not 0 < lo <= hi <= 3600:
+        if not 0.01 <= lo <= hi <= 3600:
             raise ConfigError(
                 f"{pre}reopen_backoff",
-                f"needs 0 < first <= longest <= 3600 seconds, got {_show(list(self.reopen_backoff))}"
+                f"needs 0.01 <= first <= longest <= 3600 seconds, got {_show(list(self.reopen_backoff))}"
             )
 
 
@@ -426,19 +461,23 @@ class MqttSettings:
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""
-        if not self.host or len(self.host) > 253 or any(c.isspace() for c in self.host):
+        if not _is_host(self.host):
             raise ConfigError(f"{k}host", f"expected a host name or address, got {_show(self.host)}")
         _bound(f"{k}port", self.port, 0, 65535, unit="(0: 1883, or 8883 with TLS)")
         if self.qos not in (0, 1):
             raise ConfigError(f"{k}qos", f"must be 0 or 1, got {_show(self.qos)}")
         _bound(f"{k}keepalive", self.keepalive, 5, 65535, unit="seconds")
-        _bound(f"{k}connect_timeout", self.connect_timeout, 0.0, 600.0, lo_open=True, unit="seconds")
-        _bound(f"{k}reconnect_max", self.reconnect_max, 0.0, 3600.0, lo_open=True, unit="seconds")
-        _bound(f"{k}reconnect_min", self.reconnect_min, 0.0, self.reconnect_max, lo_open=True,
-               unit="seconds (reconnect_max)")
+        _bound(f"{k}connect_timeout", self.connect_timeout, 0.1, 600.0, unit="seconds")
+        _bound(f"{k}reconnect_max", self.reconnect_max, 0.01, 3600.0, unit="seconds")
+        _bound(f"{k}reconnect_min", self.reconnect_min, 0.01, self.reconnect_max, unit="seconds (reconnect_max)")
         for name in ("client_id", "username", "password"):
             if len(getattr(self, name)) > 1024:
                 raise ConfigError(f"{k}{name}", "is longer than 1024 characters")
+        for name in ("client_id", "username"):  # UTF-8 strings of the CONNECT packet, checked by the broker
+            odd = next((c for c in getattr(self, name) if _unfit_for_mqtt(c)), None)
+            if odd is not None:
+                raise ConfigError(f"{k}{name}", f"contains the control or non-character U+{ord(odd):04X}, "
+                                  "which a broker refuses")
         if self.password and self.password_file is not None:
             raise ConfigError(f"{k}password_file", "set either password or password_file, not both")
         if (self.password or self.password_file is not None) and not self.username:
@@ -491,9 +530,9 @@ class SegmentSettings:
         _bound(f"{k}vad_aggressiveness", self.vad_aggressiveness, 0, 3)
         _bound(f"{k}pre_roll", self.pre_roll, 0.0, 10.0, unit="seconds")
         _bound(f"{k}min_speech", self.min_speech, 0.0, 60.0, unit="seconds")
-        for name in ("silence_timeout", "initial_silence"):
-            _bound(f"{k}{name}", getattr(self, name), 0.0, 60.0, lo_open=True, unit="seconds")
-        _bound(f"{k}lookback", self.lookback, 0.0, 600.0, lo_open=True, unit="seconds")
+        for name in ("silence_timeout", "initial_silence"):  # at least one VAD frame
+            _bound(f"{k}{name}", getattr(self, name), 0.03, 60.0, unit="seconds")
+        _bound(f"{k}lookback", self.lookback, 0.1, 600.0, unit="seconds")
         if self.max_length <= self.pre_roll:
             raise ConfigError(f"{k}max_length", f"must be longer than pre_roll ({self.pre_roll:g} s), "
                               f"got {_show(self.max_length)}")
@@ -520,7 +559,7 @@ class MetricsSettings:
     def validate(self, key: str) -> None:
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"{key}.port", f"must be a TCP port 1..65535, got {_show(self.port)}")
-        if not self.address or len(self.address) > 253 or any(c.isspace() for c in self.address):
+        if not _is_host(self.address):
             raise ConfigError(f"{key}.address", f"expected an IP address or host name, got {_show(self.address)}")
 
 
@@ -539,9 +578,7 @@ class ServiceSettings:
     """Seconds between refreshes of the retained MQTT status message and the systemd ``STATUS=`` line."""
 
     def validate(self, key: str) -> None:
-        if not 0 < self.status_interval <= 86400:
-            problem = f"must be a positive number of seconds (at most 86400), got {_show(self.status_interval)}"
-            raise ConfigError(f"{key}.status_interval", problem)
+        _bound(f"{key}.status_interval", self.status_interval, 0.1, 86400.0, unit="seconds")
 
     def state_path(self, env: Mapping[str, str] | None = None) -> Path:
         """The state folder: ``state_dir`` if set, else ``$STATE_DIRECTORY`` (first entry), else default."""
@@ -700,12 +737,21 @@ def _yaml_error(exc: yaml.YAMLError, text: str) -> ConfigError:
 
 def loads(text: str, base_dir: Path | None = None) -> Settings:
     """Parse and validate config text; with ``base_dir``, relative paths are resolved against it."""
+    loader: _Loader | None = None
     try:
-        data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+        loader = _Loader(text)  # the reader checks every character here
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, text) from None
+    except (ValueError, OverflowError):  # the scanner's own: e.g. an escape "\U7fffffff" beyond Unicode
+        mark = loader.get_mark() if loader is not None else None
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError("", f"{where}not valid YAML: an escape sequence or value out of range") from None
     except RecursionError:
         raise ConfigError("", f"not valid YAML: nested too deeply (more than {MAX_DEPTH} levels)") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:
         data = {}
     settings = from_dict(Settings, data)

@@ -56,7 +56,7 @@ def test_valid_config(tmp_path: Path, capsys: pytest.CaptureFixture[str], model_
         ),
         ("service:\n  metrics:\n    enabled: 'yes'\n", "service.metrics.enabled: expected true or false"),
         ("service:\n  log_level: loud\n", "service.log_level: must be one of"),
-        ("service:\n  status_interval: 0\n", "service.status_interval: must be a positive number"),
+        ("service:\n  status_interval: 0\n", "service.status_interval: must be at least 0.1 and at most 86400"),
         ("service: [1, 2]\n", "service: expected a mapping"),
         ("servce: {}\n", "servce: unknown key"),
         ("service:\n  metrics: {port: 1\n", "line 3, column 1: not valid YAML: expected ',' or '}'"),
@@ -318,3 +318,24 @@ def test_state_dir_must_be_writable_by_the_service_user(tmp_path: Path, model_pa
     # The daemon itself stops at the same line.
     run = _kwsd("run", "--config", str(config), unprivileged=True)
     assert (run.returncode, run.stderr) == (1, f"kwsd run: {result.stderr}")
+
+
+def test_a_reload_may_keep_its_own_metrics_port(tmp_path: Path, model_path: Path) -> None:
+    """The running daemon holds its metrics port; its reload must not call that port busy, check-config must."""
+    from kwsd.settings import load_for_run
+
+    with socket.socket() as held:  # what the running daemon's endpoint looks like to a new bind
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        path = tmp_path / "config.yaml"
+        path.write_text(f"model: {{path: {model_path}}}\nservice: {{state_dir: {tmp_path}, "
+                        f"metrics: {{enabled: true, port: {port}}}}}\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=rf"^service\.metrics\.port: 127\.0\.0\.1:{port} is already in use"):
+            load_for_run(path)
+        running = load_for_run(path, running=loads(path.read_text(), base_dir=tmp_path))
+        assert running.service.metrics.port == port
+        # A reload that moves the endpoint to another busy port is refused like a start.
+        other = loads(path.read_text().replace(str(port), str(free_port())), base_dir=tmp_path)
+        with pytest.raises(ConfigError, match=r"^service\.metrics\.port: .* is already in use"):
+            load_for_run(path, running=other)
