@@ -113,7 +113,7 @@ def test_through_the_command_line(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
-def _tiny_onnx(path: Path, metadata: dict[str, str] | None = None) -> Path:
+def _tiny_onnx(path: Path) -> Path:
     """A valid ONNX graph that is not a kwsd export (no contract in its metadata)."""
     import onnx
     from onnx import TensorProto, helper
@@ -121,10 +121,7 @@ def _tiny_onnx(path: Path, metadata: dict[str, str] | None = None) -> Path:
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph)
-    for k, v in (metadata or {}).items():
-        model.metadata_props.add(key=k, value=v)
-    onnx.save(model, str(path))
+    onnx.save(helper.make_model(graph), str(path))
     return path
 
 
