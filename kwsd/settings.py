@@ -527,7 +527,8 @@ class SegmentSettings:
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""
-        _bound(f"{k}vad_aggressiveness", self.vad_aggressiveness, 0, 3)
+        if not 0 <= self.vad_aggressiveness <= 3:
+            raise ConfigError(f"{k}vad_aggressiveness", f"must be 0..3, got {_show(self.vad_aggressiveness)}")
         _bound(f"{k}pre_roll", self.pre_roll, 0.0, 10.0, unit="seconds")
         _bound(f"{k}min_speech", self.min_speech, 0.0, 60.0, unit="seconds")
         for name in ("silence_timeout", "initial_silence"):  # at least one VAD frame

@@ -101,7 +101,7 @@ def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
     ("inputs: [{device: x, rate: 384000, channels: 64, buffer_seconds: 600}]", "inputs[0].buffer_seconds",
      "a ring of 27.5 GiB at 384000 Hz and 64 channels is more than 2 GiB"),
     ("inputs: [{device: x, reopen_backoff: [1, .inf]}]", "inputs[0].reopen_backoff[1]", "finite"),
-    ("segments: {vad_aggressiveness: 9}", "segments.vad_aggressiveness", "at most 3"),
+    ("segments: {vad_aggressiveness: 9}", "segments.vad_aggressiveness", "must be 0..3"),
     ("service: {status_interval: 1.0e+300}", "service.status_interval", "at most 86400"),
     # siteIds and wake word ids become topic levels
     ("inputs: [{device: x, sites: {0: a/b}}]", "inputs[0].sites.0", "contains '/'"),
