@@ -24,10 +24,12 @@ INTERRUPTED = 130
 
 def _unexpected(what: str, exc: BaseException) -> str:
     """One line for an error kwsd did not foresee; the traceback goes to the debug log only."""
+    from kwsd.lifecycle import describe
+
     log.debug("%s", what, exc_info=exc)
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= 200 else text[:197] + "..."
-    return f"{what}: {type(exc).__name__}{': ' + text if text else ''} (unexpected; `kwsd -v` logs the traceback)"
+    text = describe(exc)
+    text = text if len(text) <= 240 else text[:237] + "..."
+    return f"{what}: {text} (unexpected; `kwsd -v` logs the traceback)"
 
 
 def _load(path: Path, prefix: str = "") -> settings.Settings | None:

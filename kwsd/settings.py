@@ -15,7 +15,6 @@ import socket
 import ssl
 import types
 import typing
-import wave
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,13 +136,18 @@ class KeywordSettings:
     """The keyword, spelled with characters the model knows (spaces are ignored)."""
     id: str = ""
     """Wake word id used in topics and payloads (``wakewordId``); defaults to the phrase."""
-    threshold: float = 0.25
+    threshold: float = 0.40
     """Detection threshold on the length-normalised keyword score (0..1); higher means fewer false wakes.
-    Choose it with ``kwsd eval`` on your own recordings."""
+    The default was chosen on the dev DET curves (README, "Choosing a threshold"); measure your own with
+    ``kwsd eval``."""
     min_duration: float = 0.25
-    """Shortest plausible keyword, seconds."""
-    max_duration: float = 2.5
-    """Longest plausible keyword, seconds."""
+    """Shortest plausible keyword, seconds, from its first syllable's peak to its last one's."""
+    max_duration: float = 1.8
+    """Longest plausible keyword, seconds (first to last syllable peak). Said 小云小云 spans 0.5-1.0 s; a longer
+    span is syllables of different words (a false alarm on read speech spanned 2.5 s)."""
+    max_gap: float = 0.75
+    """Longest plausible pause between the peaks of two consecutive syllables, seconds; 0: no limit. Said
+    小云小云 has at most 0.55 s between syllables."""
 
     @property
     def wakeword_id(self) -> str:
@@ -159,6 +163,7 @@ class KeywordSettings:
         _bound(f"{key}.threshold", self.threshold, 0.0, 1.0, lo_open=True)
         _bound(f"{key}.min_duration", self.min_duration, 0.0, 10.0, lo_open=True, unit="seconds")
         _bound(f"{key}.max_duration", self.max_duration, self.min_duration, 10.0, unit="seconds (min_duration..10)")
+        _bound(f"{key}.max_gap", self.max_gap, 0.0, 10.0, unit="seconds (0: no limit)")
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,8 @@ class DetectorSettings:
     keywords: tuple[KeywordSettings, ...] = (KeywordSettings(),)
     """Keywords to detect; each has its own threshold."""
     refractory: float = 1.0
-    """After a detection, the same stream cannot fire again for this many seconds (counted in samples)."""
+    """After a detection, the same keyword cannot fire again on the same stream for this many seconds (counted in
+    samples); other keywords can."""
     step_frames: int = 3
     """Model frames (30 ms each) gathered per stream before one batched inference step."""
     beam: int = 20
@@ -395,6 +401,12 @@ class SatelliteSettings:
     """siteIds accepted; empty accepts every site."""
     max_frame_bytes: int = 262144
     """Largest accepted audioFrame payload, bytes; larger ones are rejected (hermes/error/hotword)."""
+    max_sites: int = 16
+    """Remote sites listened to at once; audio from further siteIds is refused until one is dropped."""
+    idle_timeout: float = 30.0
+    """Seconds without audio after which a remote site is dropped (its discovery withdrawn)."""
+    buffer_seconds: float = 2.0
+    """Audio held per remote site (32 kB per second); also the largest burst accepted at once."""
 
     def validate(self, key: str) -> None:
         for i, site in enumerate(self.sites):
@@ -402,6 +414,12 @@ class SatelliteSettings:
             if site in self.sites[:i]:
                 raise ConfigError(f"{key}.sites[{i}]", f"siteId {_show(site)} is listed twice")
         _bound(f"{key}.max_frame_bytes", self.max_frame_bytes, 64, 64 << 20, unit="bytes")
+        if not 1 <= self.max_sites <= 1024:
+            raise ConfigError(f"{key}.max_sites", f"must be 1..1024, got {_show(self.max_sites)}")
+        if not 1.0 <= self.idle_timeout <= 86400:
+            raise ConfigError(f"{key}.idle_timeout", f"must be 1..86400 seconds, got {_show(self.idle_timeout)}")
+        if not 0.5 <= self.buffer_seconds <= 60:
+            raise ConfigError(f"{key}.buffer_seconds", f"must be 0.5..60 seconds, got {_show(self.buffer_seconds)}")
 
 
 @dataclass(frozen=True)
@@ -947,20 +965,18 @@ def check_model(model: ModelSettings, detector: DetectorSettings) -> None:
 
 
 def _check_replay_file(inp: InputSettings, key: str) -> None:
-    """A WAV file to replay must be there and readable as the replay source reads it (devices may come later)."""
+    """A file to replay must open as the replay source opens it (live devices may come later)."""
     from kwsd.audio.capture import resolve_kind
+    from kwsd.audio.wavfile import AudioFileError, AudioReader
 
     if resolve_kind(inp) != "file":
         return
     path = Path(inp.device)
     try:
-        with wave.open(str(path), "rb") as w:
-            width, rate, channels = w.getsampwidth(), w.getframerate(), w.getnchannels()
-    except (OSError, EOFError, wave.Error) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        raise ConfigError(f"{key}.device", f"cannot replay {path}: {reason}") from None
-    if width != 2:
-        raise ConfigError(f"{key}.device", f"cannot replay {path}: only 16-bit PCM WAV is supported")
+        with AudioReader(path) as reader:
+            rate, channels = reader.rate, reader.channels
+    except AudioFileError as exc:
+        raise ConfigError(f"{key}.device", f"cannot replay {exc}") from None
     if inp.rate and inp.rate != rate:
         raise ConfigError(f"{key}.rate", f"{path} is {rate} Hz, but rate says {inp.rate}")
     needed = max(inp.site_map()) + 1

@@ -169,22 +169,23 @@ def _host_cases(tmp: Path) -> dict[str, tuple[dict, str]]:
         "state_dir is a file": ({"service": {"state_dir": str(REPO / "config.yaml")}},
                                 r"service.state_dir: .*config.yaml is not a folder"),
         "replay file missing": ({"inputs": [{"device": str(tmp / "gone.wav"), "sites": {0: "a"}}]},
-                                r"inputs\[0\].device: cannot replay .*gone.wav: No such file"),
-        "replay file not WAV": ({"inputs": [{"device": str(REPO / "config.yaml"), "kind": "file", "sites": {0: "a"}}]},
-                                r"inputs\[0\].device: cannot replay .*config.yaml"),
+                                r"inputs\[0\].device: cannot replay .*gone.wav: no such file"),
+        "replay file not audio": ({"inputs": [{"device": str(REPO / "config.yaml"), "kind": "file",
+                                               "sites": {0: "a"}}]},
+                                  r"inputs\[0\].device: cannot replay .*config.yaml: cannot read audio: not an audio"),
         "replay rate differs": ({"inputs": [{"device": str(wav), "rate": 48000, "sites": {0: "a"}}]},
                                 r"inputs\[0\].rate: .*a.wav is 16000 Hz, but rate says 48000"),
         "replay too few channels": ({"inputs": [{"device": str(wav), "sites": {1: "a"}}]},
                                     r"inputs\[0\].sites: .*a.wav has 1 channel\(s\); sites need channel 1"),
-        "replay 8-bit": ({"inputs": [{"device": str(tmp / "b.wav"), "sites": {0: "a"}}]},
-                         r"inputs\[0\].device: cannot replay .*b.wav: only 16-bit PCM"),
+        "replay truncated": ({"inputs": [{"device": str(tmp / "b.wav"), "sites": {0: "a"}}]},
+                             r"inputs\[0\].device: cannot replay .*b.wav: truncated"),
     }
 
 
 def _host_case(case: str, model: Path, tmp: Path) -> tuple[dict, str]:
     """The files of the cases made in ``tmp``; the case's config (over a good base) and its expected line."""
     _wav(tmp / "a.wav")
-    _wav(tmp / "b.wav", width=1)
+    (tmp / "b.wav").write_bytes(_wav(tmp / "full.wav").read_bytes()[:44])  # a header announcing audio, none there
     _tiny_onnx(tmp / "tiny.onnx")
     _relabelled_model(model, tmp, **{"kwsd.cache_shape": "[4, 128, 9]"})
     extra, expected = _host_cases(tmp)[case]
@@ -276,18 +277,24 @@ def test_run_refuses_what_check_config_refuses_on_the_host(tmp_path: Path, model
     assert run.stderr == f"kwsd run: {check.stderr}" and "detector.keywords[0].phrase" in run.stderr
 
 
-def test_a_fault_at_start_up_is_one_line(tmp_path: Path, model_path: Path) -> None:
-    """An error no check foresees (here an outbox file that is not a database) ends ``run`` with one line."""
-    outbox = tmp_path / "state" / "outbox"
-    outbox.mkdir(parents=True)
-    (outbox / "outbox.sqlite3").write_bytes(b"this is not an SQLite database" * 100)
+def test_a_damaged_model_is_refused_by_both(tmp_path: Path, model_path: Path) -> None:
+    """Weights cut short inside an ONNX whose contract reads fine: onnxruntime would refuse to load it, and so
+    does check-config, without loading it; run stops at the same line."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    weight.raw_data = weight.raw_data[:100]
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(model, str(damaged))
     path = tmp_path / "config.yaml"
-    path.write_text(_base(model_path, tmp_path) + "mqtt: {port: 1}\n", encoding="utf-8")
-    assert _kwsd("check-config", "-q", str(path)).returncode == 0
+    path.write_text(_base(damaged, tmp_path), encoding="utf-8")
+    check = _kwsd("check-config", str(path))
+    assert check.returncode == 1
+    assert check.stderr.startswith(f"{path}: model.path: model file {damaged} is damaged: ")
+    assert "too small for the declared shape" in check.stderr and check.stderr.count("\n") == 1
     run = _kwsd("run", "--config", str(path))
-    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
-    errors = [line for line in run.stderr.splitlines() if "ERROR" in line or "error" in line.lower()]
-    assert len(errors) == 1 and "outbox" in errors[0] and "unexpected" in errors[0], run.stderr
+    assert (run.returncode, run.stderr) == (1, f"kwsd run: {check.stderr}")
 
 
 def test_state_dir_must_be_writable_by_the_service_user(tmp_path: Path, model_path: Path) -> None:

@@ -77,6 +77,7 @@ def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
     ("inputs: [{device: x, stall_timeout: -.inf}]", "inputs[0].stall_timeout", "finite"),
     ("detector: {keywords: [{phrase: 小云小云, min_duration: .nan}]}", "detector.keywords[0].min_duration", "finite"),
     ("detector: {beam: 0}", "detector.beam", "at least 1"),
+    ("detector: {keywords: [{phrase: 小云小云, max_gap: -0.1}]}", "detector.keywords[0].max_gap", "at least 0"),
     ("detector: {top_k: -3}", "detector.top_k", "at least 1"),
     ("detector: {step_frames: 100000}", "detector.step_frames", "at most 100"),
     ("detector: {token_floor: 1.0}", "detector.token_floor", "below 1"),

@@ -115,6 +115,7 @@ def check_interface(contract: ModelContract, inputs: Mapping[str, Shape], output
 def read_contract(path: Path) -> ModelContract:
     """The contract of the ONNX file at ``path``, its interface checked, without creating an inference session."""
     import onnx
+    import onnx.checker
 
     if not path.is_file():
         raise ContractError(f"model file {path} not found (run `kwsd model export`, or set model.path)")
@@ -124,6 +125,11 @@ def read_contract(path: Path) -> ModelContract:
         raise ContractError(f"model file {path} is not an ONNX model ({type(exc).__name__})") from None
     name = f"model file {path}"
     contract = ModelContract.from_metadata({p.key: p.value for p in model.metadata_props}, name)
+    try:  # what onnxruntime would refuse when it loads the graph: weights that do not fit their shapes, ...
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # onnx raises ValidationError, InferenceError and others
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ContractError(f"{name} is damaged: {first[:200]}") from None
 
     def dims(value: Any) -> list[int | str | None]:
         shape = value.type.tensor_type.shape

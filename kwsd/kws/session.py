@@ -33,6 +33,11 @@ class ModelError(RuntimeError):
     """The model file cannot be used; the message names the file and the problem."""
 
 
+def gpu_present() -> bool:
+    """Whether the host has an NVIDIA GPU at all (the driver's control device or its /proc entry)."""
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
 def _create_session(path: str, options: Any, providers: list[str]) -> Any:
     """The seam where the runtime session is created (tests substitute a GPU-less stand-in here)."""
     import onnxruntime as ort
@@ -80,7 +85,9 @@ class ModelSession:
             raise ModelError(f"model file {self.path} cannot be loaded: {exc}") from exc
         self.provider: str = self._session.get_providers()[0]
         if chosen[0] != self.provider:
-            log.info("%s could not be initialised; running on %s", chosen[0], self.provider)
+            # Expected on a host without a GPU; on one with a GPU it means the GPU goes unused.
+            level = logging.WARNING if gpu_present() else logging.DEBUG
+            log.log(level, "%s could not be initialised; running on %s", chosen[0], self.provider)
         try:
             meta = self._session.get_modelmeta().custom_metadata_map
             self.contract = ModelContract.from_metadata(meta, str(self.path))
