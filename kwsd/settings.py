@@ -42,6 +42,8 @@ class ConfigError(ValueError):
 
 TOPIC_LEVEL_MAX = 128
 """Longest siteId / wake word id, characters: each is one MQTT topic level and part of a Home Assistant entity."""
+SATELLITE_SITE_MAX = 64
+"""Longest siteId accepted from a satellite (the MQTT side refuses longer ones from the network)."""
 _TOPIC_FORBIDDEN = ("/", "+", "#", "\x00")
 _HA_NODE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -74,14 +76,14 @@ def _unfit_for_mqtt(char: str) -> bool:
     return code <= 0x1F or 0x7F <= code <= 0x9F or 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE
 
 
-def check_topic_level(key: str, value: str, what: str = "siteId") -> None:
+def check_topic_level(key: str, value: str, what: str = "siteId", limit: int = TOPIC_LEVEL_MAX) -> None:
     """``value`` must fit one MQTT topic level: non-empty, at most ``TOPIC_LEVEL_MAX`` characters, none of
     ``/ + #``, no control character (NUL, tab, ...) or Unicode non-character. A broker drops the connection of a
     client that publishes to a topic with one of those."""
     if not value:
         raise ConfigError(key, f"{what} must not be empty")
-    if len(value) > TOPIC_LEVEL_MAX:
-        raise ConfigError(key, f"{what} {_show(value)} is longer than {TOPIC_LEVEL_MAX} characters")
+    if len(value) > limit:
+        raise ConfigError(key, f"{what} {_show(value)} is longer than {limit} characters")
     bad = [c for c in _TOPIC_FORBIDDEN if c in value]
     if bad:
         listed = " ".join("NUL" if c == "\x00" else repr(c) for c in bad)
@@ -410,7 +412,7 @@ class SatelliteSettings:
 
     def validate(self, key: str) -> None:
         for i, site in enumerate(self.sites):
-            check_topic_level(f"{key}.sites[{i}]", site)
+            check_topic_level(f"{key}.sites[{i}]", site, limit=SATELLITE_SITE_MAX)
             if site in self.sites[:i]:
                 raise ConfigError(f"{key}.sites[{i}]", f"siteId {_show(site)} is listed twice")
         _bound(f"{key}.max_frame_bytes", self.max_frame_bytes, 64, 64 << 20, unit="bytes")

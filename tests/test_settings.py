@@ -124,6 +124,7 @@ def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
     ("inputs: [{device: x, sites: {0: a}}]\nmqtt: {satellites: {sites: [a]}}", "mqtt.satellites.sites[0]",
      "also a local site"),
     ("mqtt: {satellites: {sites: [ok, 'x/y']}}", "mqtt.satellites.sites[1]", "contains '/'"),
+    ("mqtt: {satellites: {sites: [" + "s" * 65 + "]}}", "mqtt.satellites.sites[0]", "longer than 64"),
     ("detector: {keywords: [{phrase: 小云小云, id: 'x#'}]}", "detector.keywords[0].id", "wake word id"),
     ('detector: {keywords: [{phrase: 小云小云, id: "a\\0"}]}', "detector.keywords[0].id", "NUL"),
     ("detector: {keywords: [{phrase: 小云小云}, {phrase: 小云 小云}]}", "detector.keywords[1].id", "already used"),
