@@ -443,7 +443,7 @@ class Daemon:
         with self._reload_lock:
             self.notifier.reloading("reloading configuration")
             try:
-                new = settings_mod.load(self.config_path)
+                new = settings_mod.load_for_run(self.config_path, self.settings)
                 plan = self._prepare(new)
             except Exception as exc:  # whatever it is, the running configuration must survive it
                 message = str(exc) if isinstance(exc, settings_mod.ConfigError | StartupError) else describe(exc)

@@ -12,7 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from kwsd.kws.contract import INPUT_CACHE, INPUT_FEATS, OUTPUT_CACHE, OUTPUT_PROBS, ContractError, ModelContract
+from kwsd.kws.contract import (
+    INPUT_CACHE,
+    INPUT_FEATS,
+    OUTPUT_CACHE,
+    OUTPUT_PROBS,
+    ContractError,
+    ModelContract,
+    check_interface,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +103,11 @@ class ModelSession:
 
     def _check_io(self) -> None:
         inputs = {i.name: i.shape for i in self._session.get_inputs()}
-        outputs = {o.name for o in self._session.get_outputs()}
-        if set(inputs) != {INPUT_FEATS, INPUT_CACHE} or not {OUTPUT_PROBS, OUTPUT_CACHE} <= outputs:
-            raise ModelError(f"model file {self.path}: inputs {sorted(inputs)} / outputs {sorted(outputs)} are not "
-                             f"the streaming keyword-spotter interface")
-        cache = inputs[INPUT_CACHE][1:]
-        if [int(d) if isinstance(d, int) else d for d in cache] != list(self.contract.cache_shape):
-            raise ModelError(f"model file {self.path}: cache input {cache} disagrees with its metadata "
-                             f"{self.contract.cache_shape}")
-        if inputs[INPUT_FEATS][-1] != self.contract.features.dim:
-            raise ModelError(f"model file {self.path}: feature input {inputs[INPUT_FEATS]} disagrees with its "
-                             f"metadata ({self.contract.features.dim} dims)")
+        outputs = [o.name for o in self._session.get_outputs()]
+        try:
+            check_interface(self.contract, inputs, outputs, f"model file {self.path}")
+        except ContractError as exc:
+            raise ModelError(str(exc)) from exc
 
     def new_cache(self, batch: int = 1) -> np.ndarray:
         return np.zeros((batch, *self.contract.cache_shape), dtype=np.float32)
