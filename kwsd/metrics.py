@@ -80,6 +80,8 @@ class Metrics:
             registry=reg,
         )
         self.streams = Gauge("streams", "Audio streams being decoded", namespace=namespace, registry=reg)
+        self.provider = Gauge("execution_provider", "The onnxruntime execution provider running the model (1)",
+                              ["provider"], namespace=namespace, registry=reg)
         self._lock = threading.Lock()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -112,6 +114,11 @@ class Metrics:
 
     def set_streams(self, count: int) -> None:
         self.streams.set(count)
+
+    def set_provider(self, provider: str) -> None:
+        """The provider in use (``ModelSession.provider``); the previous one's series is removed."""
+        self.provider.clear()
+        self.provider.labels(provider=provider).set(1)
 
     # --- reading -------------------------------------------------------------------------------------------
 
@@ -154,6 +161,7 @@ class Metrics:
             "inference_step": {"count": count, "mean_ms": round(1000 * total / count, 3) if count else None},
             "real_time_factor": round(scalar(f"{ns}real_time_factor"), 4),
             "streams": int(scalar(f"{ns}streams")),
+            "provider": next((dict(k[1])["provider"] for k in samples if k[0] == f"{ns}execution_provider"), None),
         }
 
     # --- HTTP endpoint -------------------------------------------------------------------------------------

@@ -272,7 +272,8 @@ class Daemon:
         except ModelError as exc:
             raise StartupError(f"model.path: {exc}") from exc
         warm = session.warm_up()
-        log.info("model %s on %s (warm-up %.0f ms)", s.model.path, session.provider, warm * 1000)
+        log.info("model %s on %s (warm-up %.0f ms)", s.model.path, session.describe(), warm * 1000)
+        self.metrics.set_provider(session.provider)
         return session
 
     def _make_publisher(self, s: Settings, sites: list[str]) -> Publisher | None:

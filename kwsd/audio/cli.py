@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -12,8 +13,10 @@ log = logging.getLogger(__name__)
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "devices",
-        help="list capture devices (ALSA via PortAudio, PulseAudio sources) to use as inputs[].device",
+        help="list capture devices (ALSA via PortAudio, PulseAudio sources) to use as inputs[].device, and the "
+             "execution provider the model runs on",
     )
+    p.add_argument("--config", type=Path, help="config file whose model settings to check (default: built-in)")
     p.set_defaults(func=run)
 
 
@@ -41,4 +44,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {d['name']:<40} {int(d['default_samplerate']):>6} Hz {d['max_input_channels']:>3} ch")
     if not found:
         print("  (none)")
+    return _print_inference(args)
+
+
+def _print_inference(args: argparse.Namespace) -> int:
+    from kwsd import settings
+    from kwsd.kws.session import describe_runtime
+
+    try:
+        s = settings.load(args.config) if getattr(args, "config", None) else settings.Settings()
+    except settings.ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"Inference (model.providers {', '.join(s.model.providers)}; model {s.model.path}):")
+    print(f"  {describe_runtime(s.model.path, s.model.providers)}")
     return 0
