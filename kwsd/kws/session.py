@@ -155,8 +155,12 @@ class ModelSession:
         """The execution provider actually running the model (onnxruntime falls back silently)."""
         if chosen[0] == CUDA and self.provider != CUDA:
             reason = cuda_load_error()
-            self.provider_note = (f"the CUDA provider cannot load: {reason}; {GPU_HINT}" if reason else
-                                  "the CUDA provider loads but could not start on the GPU (driver or device)")
+            if reason is None:
+                self.provider_note = "the CUDA provider loads but could not start on the GPU (driver or device)"
+            elif "libcuda.so" in reason:
+                self.provider_note = f"the CUDA provider cannot load: {reason}; install the NVIDIA driver"
+            else:
+                self.provider_note = f"the CUDA provider cannot load: {reason}; {GPU_HINT}"
             log.warning("CUDA was requested (model.providers) and %d GPU(s) are present, but %s; running on %s",
                         gpu_count(), self.provider_note, self.provider)
         elif chosen[0] != self.provider:
