@@ -20,7 +20,7 @@ from itertools import pairwise
 import numpy as np
 
 from kwsd.kws.decoder import Keyword, KeywordDecoder, KeywordError, tokenize
-from kwsd.kws.features import FeatureStream
+from kwsd.kws.features import FeatureStream, extract_batch
 from kwsd.kws.session import ModelSession
 from kwsd.settings import DetectorSettings, KeywordSettings
 
@@ -214,17 +214,16 @@ class Detector:
             stream.raw.append(block)
 
     def _extract(self, streams: list[_Stream]) -> None:
-        for stream in streams:
-            raw = stream.raw
-            frames = stream.features.accept(raw[0] if len(raw) == 1 else np.concatenate(raw))
+        chunks = [s.raw[0] if len(s.raw) == 1 else np.concatenate(s.raw) for s in streams]
+        for stream, frames in zip(streams, extract_batch([s.features for s in streams], chunks), strict=True):
             stream.raw = []
             if frames.shape[0]:
                 stream.pending.append(frames)
                 stream.pending_frames += frames.shape[0]
 
     def _extract_all(self) -> None:
-        """Features for every stream with audio accepted since the last step (the extractor releases the
-        interpreter lock, so ``threads`` threads work on separate streams at once)."""
+        """Features for every stream with audio accepted since the last step: one batched fbank pass per thread
+        (numpy releases the interpreter lock, so ``threads`` threads work on separate streams at once)."""
         if not self._raw:
             return
         t0 = time.perf_counter()

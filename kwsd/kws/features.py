@@ -1,18 +1,23 @@
 """Streaming Kaldi features, exactly as the model was trained.
 
-Kaldi fbank (kaldi-native-fbank: 80 mel bins, 25 ms window, 10 ms shift, hamming, int16-scale samples, no dither),
-then low frame rate stacking: each model frame splices fbank frames ``3k-2 .. 3k+2`` (the first frame is repeated on
-the left at the start; the last one on the right when the stream ends) and only every 3rd frame is kept, so one
-model frame covers 30 ms. Every leftover (samples, fbank frames, the decimation phase) is carried between calls, so
-any chunking of the audio yields the same frames.
+Kaldi fbank (80 mel bins, 25 ms window, 10 ms shift, hamming, int16-scale samples, no dither; computed for many
+streams at once by :mod:`kwsd.kws.fbank`, equal to kaldi-native-fbank), then low frame rate stacking: each model
+frame splices fbank frames ``3k-2 .. 3k+2`` (the first frame is repeated on the left at the start; the last one on
+the right when the stream ends) and only every 3rd frame is kept, so one model frame covers 30 ms. Every leftover
+(samples, fbank frames, the decimation phase) is carried between calls, so any chunking of the audio yields the
+same frames.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
-import kaldi_native_fbank as knf
 import numpy as np
+
+from kwsd.kws.fbank import BatchFbank, FbankState
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,10 @@ class FeatureConfig:
         last_fbank = self.lfr_stride * (frames - 1) + self.lfr_right
         return self.frame_length + last_fbank * self.frame_shift
 
-    def fbank_options(self) -> knf.FbankOptions:
+    def fbank_options(self) -> Any:
+        """The same settings as kaldi-native-fbank options (the reference the batched front end is tested on)."""
+        import kaldi_native_fbank as knf
+
         opts = knf.FbankOptions()
         opts.frame_opts.samp_freq = float(self.sample_rate)
         opts.frame_opts.frame_length_ms = float(self.frame_length_ms)
@@ -75,12 +83,12 @@ class FeatureStream:
 
     def __init__(self, config: FeatureConfig | None = None) -> None:
         self.config = config or FeatureConfig()
-        self._opts = self.config.fbank_options()
+        self._batch = batch_fbank(self.config)
         self.reset()
 
     def reset(self) -> None:
-        self._fbank = knf.OnlineFbank(self._opts)
-        self._fbank_read = 0  # fbank frames taken out of the extractor
+        self.fbank_state = FbankState()  # the 10 ms step's carried samples (see extract_batch)
+        self._fbank_read = 0  # fbank frames received
         # Fbank frames kept for splicing: rows [0, _context_len) of _context, the first one is fbank frame
         # _context_start. A preallocated buffer, so a block of audio costs no concatenation.
         self._context = np.empty((64, self.config.num_mel_bins), dtype=np.float32)
@@ -93,23 +101,27 @@ class FeatureStream:
         """Feed 16 kHz samples (int16, or float on the int16 scale); return the model frames now complete."""
         if self.finished:
             raise RuntimeError("stream already flushed; reset() it first")
-        if samples.size:
-            # A list converts into the extractor's float vector several times faster than an array does.
-            self._fbank.accept_waveform(self.config.sample_rate,
-                                        np.asarray(samples, dtype=np.float32).ravel().tolist())
+        return self.accept_fbank(self._batch.compute([self.fbank_state], [samples])[0])
+
+    def accept_fbank(self, fbank: np.ndarray) -> np.ndarray:
+        """Add this stream's next fbank frames ``[n, num_mel_bins]`` (from :func:`extract_batch`); return the
+        model frames now complete."""
+        if self.finished:
+            raise RuntimeError("stream already flushed; reset() it first")
+        self._append_fbank(fbank)
         return self._emit(final=False)
 
     def flush(self) -> np.ndarray:
-        """End of the stream: emit the remaining model frames, repeating the last fbank frame as right context."""
-        self._fbank.input_finished()
+        """End of the stream: emit the remaining model frames, repeating the last fbank frame as right context.
+
+        Kaldi's snip_edges framing has no frame past the last full window, so no fbank frame is added here.
+        """
         out = self._emit(final=True)
         self.finished = True
         return out
 
-    def _pull_fbank(self) -> None:
-        fbank = self._fbank
-        ready = fbank.num_frames_ready
-        new = ready - self._fbank_read
+    def _append_fbank(self, fbank: np.ndarray) -> None:
+        new = fbank.shape[0]
         if new <= 0:
             return
         end = self._context_len + new
@@ -117,17 +129,11 @@ class FeatureStream:
             grown = np.empty((max(2 * self._context.shape[0], end), self._context.shape[1]), dtype=np.float32)
             grown[: self._context_len] = self._context[: self._context_len]
             self._context = grown
-        ctx = self._context
-        row = self._context_len
-        for i in range(self._fbank_read, ready):
-            ctx[row] = fbank.get_frame(i)  # a view into the extractor: copied here before pop() frees it
-            row += 1
-        fbank.pop(new)
-        self._fbank_read = ready
+        self._context[self._context_len : end] = fbank
+        self._fbank_read += new
         self._context_len = end
 
     def _emit(self, final: bool) -> np.ndarray:
-        self._pull_fbank()
         cfg = self.config
         total = self._fbank_read  # fbank frames seen so far
         # Model frame k needs fbank frames up to 3k + right; at the end, every k with 3k < total is emitted.
@@ -163,6 +169,22 @@ class FeatureStream:
             self._context_len = max(left, 0)
             self._context_start = keep_from
         return out
+
+
+@cache
+def batch_fbank(config: FeatureConfig) -> BatchFbank:
+    """The fbank extractor every stream with ``config`` shares (it holds only constants)."""
+    return BatchFbank.from_config(config)
+
+
+def extract_batch(streams: Sequence[FeatureStream], chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """:meth:`FeatureStream.accept` for many streams at once: one batched fbank pass for all of them (streams
+    with the same config), then each stream's splicing. The same frames as accepting each chunk alone."""
+    if not streams:
+        return []
+    states = [s.fbank_state for s in streams]
+    fbanks = streams[0]._batch.compute(states, chunks)
+    return [s.accept_fbank(f) for s, f in zip(streams, fbanks, strict=True)]
 
 
 def offline_features(samples: np.ndarray, config: FeatureConfig | None = None) -> np.ndarray:
