@@ -142,26 +142,28 @@ class BatchFbank:
             raise ValueError(f"{n} states but {len(chunks)} chunks")
         if n == 0:
             return []
+        # Plain Python lists and ints in the per-stream loops: numpy scalars cost several times more per access.
         parts: list[np.ndarray] = []
-        lengths = np.empty(n, dtype=np.intp)
-        for i, (st, chunk) in enumerate(zip(states, chunks, strict=True)):
-            if st.leftover.size:
-                parts.append(st.leftover)
-            c = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        sizes: list[int] = []
+        for st, chunk in zip(states, chunks, strict=True):
+            left = st.leftover
+            if left.size:
+                parts.append(left)
+            c = chunk if chunk.dtype == np.float32 and chunk.ndim == 1 else np.asarray(chunk, np.float32).ravel()
             parts.append(c)
-            lengths[i] = st.leftover.size + c.size
+            sizes.append(left.size + c.size)
         flat = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        lengths = np.array(sizes, dtype=np.intp)
         starts = np.zeros(n, dtype=np.intp)
         np.cumsum(lengths[:-1], out=starts[1:])
         counts = np.where(lengths >= self.frame_length, (lengths - self.frame_length) // self.frame_shift + 1, 0)
         total = int(counts.sum())
         # Stream i keeps its samples from its next frame on.
-        consumed = counts * self.frame_shift
-        keep_from = (starts + consumed).tolist()
+        keep_from = (starts + counts * self.frame_shift).tolist()
         ends = (starts + lengths).tolist()
-        for i, st in enumerate(states):
-            st.leftover = flat[keep_from[i] : ends[i]].copy()
-            st.frames += int(counts[i])
+        for st, a, b, k in zip(states, keep_from, ends, counts.tolist(), strict=True):
+            st.leftover = flat[a:b].copy()
+            st.frames += k
         edges = np.zeros(n + 1, dtype=np.intp)
         np.cumsum(counts, out=edges[1:])
         if total == 0:
