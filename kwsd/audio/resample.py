@@ -1,9 +1,11 @@
-"""Streaming resampling with carried state (libsoxr through ``soxr``).
+"""Streaming polyphase resampling with carried state.
 
-libsoxr's high-quality linear-phase filter: pass band flat to 91 % of the lower Nyquist, aliases rejected by more
-than 100 dB, and its stream output is the same whatever the block sizes (no clicks at block boundaries). It costs a
-few microseconds per capture block and imports in milliseconds. The filter's look-ahead (a few milliseconds of
-input) is released by ``flush()``; output sample ``m`` sits at input instant ``m * rate_in / rate_out``.
+The filter is the one ``scipy.signal.resample_poly`` designs (Kaiser-windowed sinc, ``half_len = 10 * max(up,
+down)``; designed here with numpy, so importing this module costs no scipy) and the output samples sit at the same
+instants, so resampling a stream block by block gives the same samples as resampling it in one call: nothing is
+padded or trimmed at block boundaries (no clicks). The price is a look-ahead of ``half_len / up`` input samples
+(0.6 ms for 48 kHz, 0.6 ms for 44.1 kHz), released by ``flush()``, and every block yields its output at once: a
+block-based resampler such as libsoxr holds back tens of milliseconds, which a wake word's latency would pay.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from __future__ import annotations
 from math import gcd
 
 import numpy as np
-import soxr
 
-QUALITY = "HQ"
+
+def lowpass(taps: int, cutoff: float, beta: float = 5.0) -> np.ndarray:
+    """Kaiser-windowed sinc low-pass, unity gain at DC; ``cutoff`` relative to Nyquist (``firwin``'s design)."""
+    n = np.arange(taps) - (taps - 1) / 2
+    h = cutoff * np.sinc(cutoff * n) * np.kaiser(taps, beta)
+    return h / h.sum()
 
 
 class StreamResampler:
@@ -33,46 +39,88 @@ class StreamResampler:
         self.up = self.rate_out // g
         self.down = self.rate_in // g
         self.passthrough = self.up == self.down
-        self._stream: soxr.ResampleStream | None = None
+        max_rate = max(self.up, self.down)
+        self.half_len = 10 * max_rate
+        if self.passthrough:
+            h = np.ones(1)
+        else:
+            h = lowpass(2 * self.half_len + 1, 1.0 / max_rate) * self.up
+        # Polyphase bank: phase p holds h[p], h[p+up], ...; row j multiplies x[n0 - j].
+        self.taps = -(-h.size // self.up)
+        bank = np.zeros((self.up, self.taps))
+        for p in range(self.up):
+            part = h[p :: self.up]
+            bank[p, : part.size] = part
+        self._bank = bank
+        self._offsets = np.arange(self.taps)
+        # History: the last ``taps`` input frames before ``_hist_start`` plus everything not yet consumed.
+        self._hist = np.zeros((self.taps, self.channels))
+        self._hist_start = -self.taps  # absolute input index of _hist[0]; negatives are the zero pre-roll
+        self._n_in = 0  # input frames received
+        self._n_out = 0  # output frames produced
         self._dtype: np.dtype | None = None
 
+    @property
+    def delay_in(self) -> int:
+        """Input frames the resampler must see beyond an output instant before it can produce that output."""
+        return 0 if self.passthrough else -(-self.half_len // self.up)
+
     def process(self, block: np.ndarray) -> np.ndarray:
-        """Resample the next block; returns every output sample that the input so far determines."""
+        """Resample the next block; returns every output sample that the input so far fully determines."""
+        mono = block.ndim == 1
         if self._dtype is None:
             self._dtype = block.dtype
         if self.passthrough:
             return block.copy()
-        mono = block.ndim == 1
-        x = block.reshape(block.shape[0], -1)
+        x = block.reshape(block.shape[0], -1).astype(np.float64, copy=False)
         if x.shape[1] != self.channels:
             raise ValueError(f"resampler set up for {self.channels} channels, got a block with {x.shape[1]}")
-        return self._emit(x, mono, last=False)
+        self._hist = np.concatenate((self._hist, x))
+        self._n_in += x.shape[0]
+        # Output m needs input up to n0 = floor((m*down + half_len) / up).
+        m_stop = (self._n_in - 1) * self.up - self.half_len
+        m_stop = m_stop // self.down + 1 if m_stop >= 0 else 0
+        return self._emit(m_stop, mono)
 
     def flush(self) -> np.ndarray:
-        """End of stream: produce the remaining outputs (the filter's look-ahead, as if silence followed)."""
-        mono = self.channels == 1
+        """End of stream: produce the remaining outputs as if zeros followed (same length as
+        resample_poly)."""
         if self.passthrough:
-            return np.zeros((0,) if mono else (0, self.channels), dtype=self._dtype or np.int16)
-        return self._emit(np.zeros((0, self.channels)), mono, last=True)
+            return np.zeros((0,) if self.channels == 1 else (0, self.channels), dtype=self._dtype or np.int16)
+        total = -(-self._n_in * self.up // self.down)
+        pad = self.delay_in + 1
+        self._hist = np.concatenate((self._hist, np.zeros((pad, self.channels))))
+        out = self._emit(total, self.channels == 1)
+        self._hist = self._hist[: self._hist.shape[0] - pad]
+        return out
 
-    def _emit(self, x: np.ndarray, mono: bool, last: bool) -> np.ndarray:
-        integer = self._dtype is not None and np.issubdtype(self._dtype, np.integer)
-        work = np.float32 if integer else np.float64  # int16-scale samples are exact in float32
-        if self._stream is None:
-            self._stream = soxr.ResampleStream(self.rate_in, self.rate_out, self.channels,
-                                               dtype="float32" if integer else "float64", quality=QUALITY)
-        y = self._stream.resample_chunk(np.ascontiguousarray(x, dtype=work), last=last)
-        y = y.reshape(-1, self.channels)
-        if integer:
-            assert self._dtype is not None
+    def _emit(self, m_stop: int, mono: bool) -> np.ndarray:
+        m = np.arange(self._n_out, max(m_stop, self._n_out))
+        if m.size:
+            pos = m * self.down + self.half_len
+            n0 = pos // self.up
+            phase = pos - n0 * self.up
+            idx = (n0 - self._hist_start)[:, None] - self._offsets[None, :]
+            weights = self._bank[phase]
+            y = np.empty((m.size, self.channels))
+            for c in range(self.channels):  # per channel: einsum over (M, taps, channels) is several times slower
+                y[:, c] = np.einsum("mt,mt->m", self._hist[idx, c], weights)
+            self._n_out = int(m[-1]) + 1
+            # Keep only what the next output can still reach.
+            next_n0 = (self._n_out * self.down + self.half_len) // self.up
+            keep_from = next_n0 - self.taps + 1 - self._hist_start
+            if keep_from > 0:
+                self._hist = self._hist[keep_from:]
+                self._hist_start += keep_from
+        else:
+            y = np.zeros((0, self.channels))
+        if self._dtype is not None and np.issubdtype(self._dtype, np.integer):
             info = np.iinfo(self._dtype)
             y = np.clip(np.rint(y), info.min, info.max).astype(self._dtype)
-        else:
-            y = y.astype(np.float64, copy=False)
         return y[:, 0] if mono else y
 
 
 def resample_once(samples: np.ndarray, rate_in: int, rate_out: int = 16000) -> np.ndarray:
-    """A whole 1-D recording at ``rate_in`` resampled to ``rate_out`` (the same samples as streaming it)."""
+    """A whole 1-D recording at ``rate_in`` resampled to ``rate_out`` (the same samples as ``resample_poly``)."""
     r = StreamResampler(rate_in, rate_out)
     return np.concatenate((r.process(samples), r.flush()))
