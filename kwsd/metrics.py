@@ -161,7 +161,6 @@ class Metrics:
             "inference_step": {"count": count, "mean_ms": round(1000 * total / count, 3) if count else None},
             "real_time_factor": round(scalar(f"{ns}real_time_factor"), 4),
             "streams": int(scalar(f"{ns}streams")),
-            "provider": next((dict(k[1])["provider"] for k in samples if k[0] == f"{ns}execution_provider"), None),
         }
 
     # --- HTTP endpoint -------------------------------------------------------------------------------------

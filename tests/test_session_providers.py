@@ -87,9 +87,7 @@ def test_provider_in_devices_line_and_metrics(model_path: Path, tmp_path: Path) 
     missing = describe_runtime(tmp_path / "none.onnx", [CUDA, CPU])
     assert missing.startswith("unknown (model file") and "none.onnx" in missing and "0 NVIDIA GPU(s)" in missing
     metrics = Metrics()
-    assert metrics.summary()["provider"] is None
     metrics.set_provider(CUDA)
     metrics.set_provider(CPU)  # a reload onto another provider replaces the series
-    assert metrics.summary()["provider"] == CPU
-    assert [s.labels for f in metrics.registry.collect() for s in f.samples
-            if s.name == "kwsd_execution_provider"] == [{"provider": CPU}]
+    assert [(s.labels, s.value) for f in metrics.registry.collect() for s in f.samples
+            if s.name == "kwsd_execution_provider"] == [({"provider": CPU}, 1.0)]
