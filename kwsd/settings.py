@@ -49,13 +49,18 @@ class KeywordSettings:
     """The keyword, spelled with characters the model knows (spaces are ignored)."""
     id: str = ""
     """Wake word id used in topics and payloads (``wakewordId``); defaults to the phrase."""
-    threshold: float = 0.25
+    threshold: float = 0.40
     """Detection threshold on the length-normalised keyword score (0..1); higher means fewer false wakes.
-    Choose it with ``kwsd eval`` on your own recordings."""
+    The default was chosen on the dev DET curves (README, "Choosing a threshold"); measure your own with
+    ``kwsd eval``."""
     min_duration: float = 0.25
-    """Shortest plausible keyword, seconds."""
-    max_duration: float = 2.5
-    """Longest plausible keyword, seconds."""
+    """Shortest plausible keyword, seconds, from its first syllable's peak to its last one's."""
+    max_duration: float = 1.8
+    """Longest plausible keyword, seconds (first to last syllable peak). Said 小云小云 spans 0.5-1.0 s; a longer
+    span is syllables of different words (a false alarm on read speech spanned 2.5 s)."""
+    max_gap: float = 0.75
+    """Longest plausible pause between the peaks of two consecutive syllables, seconds; 0: no limit. Said
+    小云小云 has at most 0.55 s between syllables."""
 
     @property
     def wakeword_id(self) -> str:
@@ -67,7 +72,8 @@ class DetectorSettings:
     keywords: tuple[KeywordSettings, ...] = (KeywordSettings(),)
     """Keywords to detect; each has its own threshold."""
     refractory: float = 1.0
-    """After a detection, the same stream cannot fire again for this many seconds (counted in samples)."""
+    """After a detection, the same keyword cannot fire again on the same stream for this many seconds (counted in
+    samples); other keywords can."""
     step_frames: int = 3
     """Model frames (30 ms each) gathered per stream before one batched inference step."""
     beam: int = 20

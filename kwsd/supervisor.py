@@ -24,15 +24,17 @@ import numpy as np
 
 from kwsd import settings as settings_mod
 from kwsd.audio.hub import AudioHub
+from kwsd.audio.resample import StreamResampler
 from kwsd.kws.decoder import KeywordError
 from kwsd.kws.detector import Detection, Detector
 from kwsd.kws.session import ModelError, ModelSession
 from kwsd.metrics import Metrics
-from kwsd.mqtt.client import Publisher
 from kwsd.mqtt.messages import WakeEvent
+from kwsd.mqtt.publisher import Publisher
 from kwsd.segments import Segment, SegmentRecorder
 from kwsd.settings import ConfigError, Settings
 from kwsd.systemd import Notifier, Watchdog
+from kwsd.toggles import ToggleState
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class Pipeline:
         self.sites: dict[str, _SiteState] = {}
         self.satellite_audio: dict[str, collections.deque[np.ndarray]] = {}
         self.satellite_lock = threading.Lock()
+        self._satellite_rates: dict[str, StreamResampler] = {}  # publisher thread only
         self.detections = 0
         self.suppressed = 0
         self.audio_seconds = 0.0
@@ -114,6 +117,18 @@ class Pipeline:
                 q = self.satellite_audio[site] = collections.deque(maxlen=SATELLITE_QUEUE_BLOCKS)
             q.append(samples)
         self.daemon.wake_pipeline()
+
+    def satellite_input(self, site: str, samples: np.ndarray, rate: int) -> None:
+        """``Publisher.satellite_audio``: mono int16 at ``rate`` Hz, resampled to 16 kHz with the filter state
+        of the site's earlier frames (a change of rate starts the site's resampler over)."""
+        rs = self._satellite_rates.get(site)
+        if rs is None or rs.rate_in != rate:
+            if rs is None and len(self._satellite_rates) >= 256:
+                del self._satellite_rates[next(iter(self._satellite_rates))]
+            rs = self._satellite_rates[site] = StreamResampler(rate, SAMPLE_RATE, 1)
+        out = rs.process(samples)
+        if len(out):
+            self.satellite_frame(site, out)
 
     # -- one pass -------------------------------------------------------------------------------------------
 
@@ -251,6 +266,7 @@ class Daemon:
         self.metrics = Metrics()
         self.watchdog = Watchdog(self.notifier, _heartbeats(settings))
         self._reload_requested = threading.Event()
+        self.toggles = ToggleState()
         self._pipeline_lock = threading.Lock()
         self.session: ModelSession | None = None
         self.hub: AudioHub | None = None
@@ -287,7 +303,7 @@ class Daemon:
         pub = Publisher(s.mqtt, outbox, sites, self.stop_event)
         pub.on_toggle = self._on_toggle
         if self.pipeline is not None:
-            pub.on_audio = self.pipeline.satellite_frame
+            pub.satellite_audio = self.pipeline.satellite_input
         return pub
 
     def start(self) -> None:
@@ -300,7 +316,7 @@ class Daemon:
         self.hub = AudioHub(s.inputs, self.stop_event)
         self.publisher = self._make_publisher(s, self.hub.sites())
         if self.publisher is not None:
-            self.publisher.on_audio = self.pipeline.satellite_frame
+            self.publisher.satellite_audio = self.pipeline.satellite_input
             self.publisher.start()
         self.hub.start()
         self.pipeline.sync_local_sites(self.hub)
@@ -354,7 +370,7 @@ class Daemon:
             self.pipeline = pipeline
             self.session = session
             if self.publisher is not None:
-                self.publisher.on_audio = pipeline.satellite_frame
+                self.publisher.satellite_audio = pipeline.satellite_input
         if new.inputs != old.inputs:
             self.hub.update(new.inputs)
             self.watchdog.watch(_heartbeats(new))
@@ -374,10 +390,11 @@ class Daemon:
     # -- callbacks from other threads -----------------------------------------------------------------------
 
     def _on_toggle(self, site: str, enabled: bool, reason: str) -> None:
-        log.info("site %s: detection %s (%s)", site, "on" if enabled else "off", reason or "no reason given")
+        on = self.toggles.apply(site, enabled, reason)
+        log.info("site %s: detection %s (%s)", site, "on" if on else "off", reason or "no reason given")
 
     def detection_enabled(self, site: str) -> bool:
-        return self.publisher is None or self.publisher.toggles.enabled(site)
+        return self.toggles.enabled(site)
 
     def publisher_sites_changed(self) -> None:
         if self.publisher is not None and self.pipeline is not None:

@@ -104,6 +104,8 @@ class Broker:
     users: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
     host: str = "127.0.0.1"
+    extra: tuple[str, ...] = ()
+    """More mosquitto.conf lines (limits such as ``max_packet_size``)."""
 
     def config(self) -> Path:
         lines = [
@@ -130,6 +132,7 @@ class Broker:
             lines.append("allow_anonymous true")
         if self.tls:
             lines += [f"cafile {self.tls.ca}", f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"]
+        lines += self.extra
         conf = self.folder / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kwsd.mqtt.client import Publisher
 from kwsd.mqtt.messages import AudioFrame, HotwordError, SegmentAnnouncement, WakeEvent, to_wav
+from kwsd.mqtt.publisher import Publisher
 from kwsd.segments import Segment
 from kwsd.settings import (
     ConfigError,
@@ -27,6 +27,7 @@ from kwsd.settings import (
     SatelliteSettings,
     from_dict,
 )
+from kwsd.toggles import ToggleState
 from tests.fixtures_broker import Broker, Subscriber, TlsFiles, wait_until
 
 pytestmark = pytest.mark.broker
@@ -119,23 +120,26 @@ def test_clean_stop_leaves_offline_retained(broker: Broker, tmp_path: Path) -> N
 
 def test_toggle_off_needs_every_reason_back_on(broker: Broker, tmp_path: Path) -> None:
     sub = Subscriber(broker, "hermes/error/#")
-    pub = Publisher(settings(broker), tmp_path / "outbox", ["kitchen"])
+    toggles = ToggleState()
     seen: list[tuple[str, bool, str]] = []
-    pub.on_toggle = lambda site, enabled, reason: seen.append((site, enabled, reason))
-    running(pub)
+
+    def on_toggle(site: str, enabled: bool, reason: str) -> None:
+        seen.append((site, toggles.apply(site, enabled, reason), reason))
+
+    pub = running(Publisher(settings(broker), tmp_path / "outbox", ["kitchen"], on_toggle=on_toggle))
     try:
         sub.publish("hermes/hotword/toggleOff", json.dumps({"siteId": "kitchen", "reason": "ttsSay"}))
         sub.publish(
             "hermes/hotword/toggleOff", json.dumps({"siteId": "kitchen", "reason": "dialogueSession"})
         )
         wait_until(lambda: len(seen) == 2, 5)
-        assert not pub.toggles.enabled("kitchen") and pub.toggles.enabled("hall")
+        assert not toggles.enabled("kitchen") and toggles.enabled("hall")
         sub.publish("hermes/hotword/toggleOn", json.dumps({"siteId": "kitchen", "reason": "ttsSay"}))
         wait_until(lambda: len(seen) == 3, 5)
-        assert not pub.toggles.enabled("kitchen")
+        assert not toggles.enabled("kitchen")
         sub.publish("hermes/hotword/toggleOn", json.dumps({"siteId": "kitchen", "reason": "dialogueSession"}))
         wait_until(lambda: len(seen) == 4, 5)
-        assert pub.toggles.enabled("kitchen")
+        assert toggles.enabled("kitchen")
         assert seen == [
             ("kitchen", False, "ttsSay"),
             ("kitchen", False, "dialogueSession"),
@@ -146,7 +150,7 @@ def test_toggle_off_needs_every_reason_back_on(broker: Broker, tmp_path: Path) -
         [err] = sub.wait_for(1, "hermes/error/hotword")
         e = HotwordError.from_payload(err.payload)
         assert "siteId" in e.error and e.context == "hermes/hotword/toggleOff"
-        assert pub.toggles.enabled("kitchen") and len(seen) == 4
+        assert toggles.enabled("kitchen") and len(seen) == 4
     finally:
         pub.stop()
         sub.close()
@@ -173,8 +177,7 @@ def test_broker_outage_and_daemon_restart_deliver_in_order(broker: Broker, tmp_p
     for n in range(5):
         pub.publish_wake(wake("a", n))
     pub.publish_segment(_segment("a", 5))
-    time.sleep(0.3)
-    assert pub.outbox.depth == 5 * 3 + 2
+    wait_until(lambda: pub.outbox.depth == 5 * 3 + 2, 5, "the hand-over reached the outbox")
     pub.stop(timeout=0.5)  # daemon stops while the broker is down: the outbox stays on disk
     pub2 = Publisher(settings(broker), outbox, ["a"])
     assert pub2.outbox.depth == 17
@@ -224,6 +227,7 @@ def test_outbox_bound_drops_segments_before_events(
         pub.publish_wake(wake("a", 2))
         pub.publish_segment(_segment("a", 3, 2.0))  # no room: the oldest segment goes
         pub.publish_wake(wake("a", 3))
+        wait_until(lambda: pub.counters.pending == 0, 5, "the hand-over reached the outbox")
     assert pub.counters.dropped == 1
     assert "dropped oldest segment on kwsd/a/segment/a-1" in caplog.text
     broker.start()
@@ -260,7 +264,7 @@ def test_refused_credentials_and_bad_ca_are_reported_and_retried(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     tls = MqttTlsSettings(ca_file=tls_files.ca)
-    with caplog.at_level(logging.ERROR, logger="kwsd.mqtt.client"):
+    with caplog.at_level(logging.ERROR, logger="kwsd.mqtt.connection"):
         pub = Publisher(
             settings(tls_broker, username="kwsd", password="wrong", tls=tls), tmp_path / "o1", ["a"]
         )
@@ -268,7 +272,7 @@ def test_refused_credentials_and_bad_ca_are_reported_and_retried(
         wait_until(lambda: "refused" in pub.state, 10, "credentials refused")
         assert "mqtt.username='kwsd'" in pub.state and "mqtt.password" in pub.state
         time.sleep(0.5)
-        assert pub.counters.reconnects == 0 and pub._thread is not None and pub._thread.is_alive()
+        assert pub.counters.reconnects == 0 and pub.alive
         pub.publish_wake(wake("a", 1))  # kept for later
         pub.stop(timeout=0.2)
         assert caplog.text.count("refused") == 1  # the same error is not logged on every retry
@@ -296,10 +300,14 @@ def test_refused_credentials_and_bad_ca_are_reported_and_retried(
 
 def test_satellite_audio_from_two_sites_at_different_rates(broker: Broker, tmp_path: Path) -> None:
     s = settings(broker, satellites=SatelliteSettings(enabled=True, sites=("sat1", "sat2")))
-    pub = Publisher(s, tmp_path / "outbox", [])
     got: dict[str, list[np.ndarray]] = {"sat1": [], "sat2": []}
-    pub.on_audio = lambda site, samples: got[site].append(samples)
-    running(pub)
+    rates: dict[str, set[int]] = {"sat1": set(), "sat2": set()}
+
+    def audio(site: str, samples: np.ndarray, rate: int) -> None:
+        got[site].append(samples)
+        rates[site].add(rate)
+
+    pub = running(Publisher(s, tmp_path / "outbox", [], satellite_audio=audio))
     sub = Subscriber(broker, "hermes/error/#")
     try:
         t48 = np.arange(48000 // 50) / 48000
@@ -312,11 +320,12 @@ def test_satellite_audio_from_two_sites_at_different_rates(broker: Broker, tmp_p
             sub.publish(AudioFrame.topic("sat2"), to_wav(mono, 22050))
         sub.publish(AudioFrame.topic("sat3"), to_wav(np.zeros(320, np.int16)))  # not accepted: ignored
         wait_until(lambda: len(got["sat1"]) == 25 and len(got["sat2"]) == 25, 10, "all frames")
-        for site, hz in (("sat1", 300), ("sat2", 500)):
+        assert rates == {"sat1": {48000}, "sat2": {22050}}  # resampling is the audio hub's job
+        for site, hz, rate in (("sat1", 300, 48000), ("sat2", 500, 22050)):
             audio = np.concatenate(got[site])
-            assert audio.dtype == np.int16 and abs(len(audio) - 8000) < 25
-            spec = np.abs(np.fft.rfft(audio[:8000].astype(float)))
-            assert abs(np.argmax(spec) * 16000 / 8000 - hz) <= 2
+            assert audio.dtype == np.int16 and audio.ndim == 1 and len(audio) == 25 * (rate // 50)
+            spec = np.abs(np.fft.rfft(audio[: rate // 2].astype(float)))
+            assert abs(np.argmax(spec) * 2 - hz) <= 2
         sub.publish(AudioFrame.topic("sat1"), b"not a wav at all")
         [err] = sub.wait_for(1, "hermes/error/hotword")
         assert json.loads(err.payload)["siteId"] == "sat1"
@@ -327,11 +336,15 @@ def test_satellite_audio_from_two_sites_at_different_rates(broker: Broker, tmp_p
 
 def test_random_payloads_on_every_subscribed_topic(broker: Broker, tmp_path: Path) -> None:
     s = settings(broker, satellites=SatelliteSettings(enabled=True, max_frame_bytes=100_000))
-    pub = Publisher(s, tmp_path / "outbox", ["a"])
     audio: list[str] = []
     toggles: list[tuple[str, bool, str]] = []
-    pub.on_audio = lambda site, samples: audio.append(site)
-    pub.on_toggle = lambda site, enabled, reason: toggles.append((site, enabled, reason))
+    pub = Publisher(
+        s,
+        tmp_path / "outbox",
+        ["a"],
+        on_toggle=lambda site, enabled, reason: toggles.append((site, enabled, reason)),
+        satellite_audio=lambda site, samples, rate: audio.append(site),
+    )
     running(pub)
     fuzz = Subscriber(broker, "kwsd/a/wake")
     rng = random.Random(1234)
@@ -381,7 +394,7 @@ def test_random_payloads_on_every_subscribed_topic(broker: Broker, tmp_path: Pat
             sent += 1
         fuzz.publish("hermes/hotword/toggleOff", json.dumps({"siteId": "a", "reason": "z"}))
         wait_until(lambda: ("a", False, "z") in toggles, 20, "toggle after the fuzz")
-        assert pub._thread is not None and pub._thread.is_alive() and pub.connected
+        assert pub.alive and pub.connected
         assert pub.counters.inbound_errors > 100
         pub.publish_wake(wake("a", 7))
         assert WakeEvent.from_payload(bytes(fuzz.wait_for(1, "kwsd/a/wake")[0].payload)).session_id == "a-7"
@@ -394,10 +407,10 @@ def test_random_payloads_on_every_subscribed_topic(broker: Broker, tmp_path: Pat
 def test_publisher_threads_stop(broker: Broker, tmp_path: Path) -> None:
     stop = threading.Event()
     pub = running(Publisher(settings(broker), tmp_path / "outbox", ["a"], stop=stop))
-    thread = pub._thread
+    thread = pub.connection._thread
     assert thread is not None
-    stop.set()  # the supervisor's stop event ends the loop too
-    thread.join(5)
+    stop.set()  # the supervisor's stop event ends the loop too (seen within one idle tick)
+    thread.join(pub.connection.tick + 3)
     assert not thread.is_alive()
     pub.stop()
 
@@ -406,7 +419,7 @@ def test_killed_daemon_goes_offline_through_the_last_will(broker: Broker, tmp_pa
     code = f"""
 import sys, time, threading
 from pathlib import Path
-from kwsd.mqtt.client import Publisher
+from kwsd.mqtt.publisher import Publisher
 from kwsd.settings import MqttSettings
 pub = Publisher(MqttSettings(port={broker.port}, client_id="k9"), Path({str(tmp_path / "o")!r}), ["a"])
 pub.start()
@@ -432,3 +445,28 @@ time.sleep(30)
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_satellite_site_ids_are_checked_and_get_no_entity_until_announced(broker: Broker, tmp_path: Path) -> None:
+    s = settings(broker, satellites=SatelliteSettings(enabled=True))
+    heard: list[tuple[str, int]] = []
+    pub = running(
+        Publisher(s, tmp_path / "outbox", ["a"], satellite_audio=lambda site, x, rate: heard.append((site, rate)))
+    )
+    sub = Subscriber(broker, "hermes/error/#", "homeassistant/#")
+    frame = to_wav(np.zeros(320, np.int16), 16000)
+    try:
+        for site in ("s" * 65, "a b ", "zero\u200bwidth"):
+            sub.publish(AudioFrame.topic(site), frame)
+        sub.publish(AudioFrame.topic("卧室"), frame)
+        wait_until(lambda: heard == [("卧室", 16000)], 5, "the good satellite's frame")
+        errors = [HotwordError.from_payload(m.payload) for m in sub.wait_for(3, "hermes/error/hotword")]
+        assert "longer than 64" in errors[0].error and errors[0].site_id == "default"
+        assert all("siteId" in e.error for e in errors)
+        # a satellite gets its Home Assistant entity only once the daemon names it
+        assert not [m for m in sub.messages if "wake_" in m.topic and "wake_a" not in m.topic]
+        pub.update_sites(["a", "卧室"])
+        sub.wait_for(1, "homeassistant/event/kwsd/wake___/config")
+    finally:
+        pub.stop()
+        sub.close()

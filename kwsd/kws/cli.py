@@ -1,4 +1,7 @@
-"""``kwsd detect`` (detections in recordings, JSON lines) and ``kwsd eval`` (the DET table for choosing a threshold)."""
+"""``kwsd detect`` (detections in recordings, JSON lines) and ``kwsd eval`` (DET tables for choosing thresholds).
+
+Both stream their recordings in blocks, so memory does not grow with a recording's length.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +12,16 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kwsd import settings as settings_mod
-from kwsd.audio.wavfile import AudioFileError, read_wav
+from kwsd.audio.wavfile import AudioFileError, read_wav_blocks
 from kwsd.kws.decoder import KeywordError
-from kwsd.kws.detector import Detector, build_keywords, detect_samples, new_decoder
+from kwsd.kws.detector import Detection, Detector, build_keywords
+from kwsd.kws.evaluation import SHIFTS, Evaluation, Positives, evaluate
 from kwsd.kws.session import ModelError, ModelSession
 from kwsd.settings import ConfigError, KeywordSettings, Settings
 
@@ -60,15 +63,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channel", type=int, default=0, help="channel to listen to (default 0)")
     p.add_argument("--mix", action="store_true", help="listen to the mean of all channels instead")
     p.add_argument("--block", type=float, default=0.0,
-                   help="feed the audio in blocks of this many seconds, as a live stream would (default: whole)")
+                   help="feed the audio in blocks of this many seconds, as a live stream would (default: 10 s "
+                        "blocks; detections do not depend on it)")
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("eval", help="DET table (recall vs false alarms per threshold) on labelled recordings")
+    p = sub.add_parser("eval", help="DET table per keyword (recall vs false alarms per threshold) on labelled "
+                                    "recordings")
     _common(p)
-    p.add_argument("--positive", type=Path, required=True, help="folder of WAVs that contain the keyword")
-    p.add_argument("--negative", type=Path, required=True, help="folder of WAVs that do not")
-    p.add_argument("--plot", type=Path, help="write the DET curve to this PNG file")
-    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--positive", action="append", required=True, metavar="[ID=]DIR",
+                   help="folder of WAVs that say a keyword (repeatable); ID= names the keyword's wakewordId, "
+                        "without it the folder counts for every keyword")
+    p.add_argument("--negative", action="append", required=True, type=Path, metavar="DIR",
+                   help="folder of WAVs that say no keyword (repeatable)")
+    p.add_argument("--plot", type=Path, help="write the DET curves to this PNG file")
+    p.add_argument("--json", action="store_true", help="print the tables, false alarms and misses as JSON")
+    p.add_argument("--explain", action="store_true",
+                   help="list every false alarm (file, time, score) and every missed positive (best score) at the "
+                        "configured threshold")
+    p.add_argument("--offsets", type=int, choices=(1, 2, 3), default=3,
+                   help="evaluate every positive started 0, 10 and 20 ms later (3, default), or fewer")
     p.set_defaults(func=cmd_eval)
 
 
@@ -80,125 +93,205 @@ def cmd_detect(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     failed = 0
+    block_seconds = args.block or 10.0
     for path in args.files:
+        name = str(path)
+        detector.add_stream(name)
         try:
-            samples = read_wav(path, None if args.mix else args.channel)
+            hits: list[Detection] = []
+            for block in read_wav_blocks(path, None if args.mix else args.channel, detector.sample_rate,
+                                         block_seconds):
+                detector.accept(name, block)
+                hits = detector.step()
+                _print_detections(path, hits)
+            _print_detections(path, detector.finish(name))
         except AudioFileError as exc:
             log.error("%s", exc)
             failed += 1
-            continue
-        block = int(args.block * detector.sample_rate) or None
-        for d in detect_samples(detector, str(path), samples, block):
-            print(json.dumps({
-                "file": str(path), "keyword": d.keyword, "wakewordId": d.wakeword_id, "score": round(d.score, 4),
-                "threshold": d.threshold, "start": round(d.start, 3), "end": round(d.end, 3),
-            }, ensure_ascii=False), flush=True)
+        finally:
+            detector.remove_stream(name)
     return 1 if failed else 0
+
+
+def _print_detections(path: Path, hits: Sequence[Detection]) -> None:
+    for d in hits:
+        print(json.dumps({
+            "file": str(path), "keyword": d.keyword, "wakewordId": d.wakeword_id, "score": round(d.score, 4),
+            "threshold": d.threshold, "start": round(d.start, 3), "end": round(d.end, 3),
+        }, ensure_ascii=False), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 
 
-@dataclass(frozen=True)
-class DetRow:
-    threshold: float
-    recall: float
-    detected: int
-    positives: int
-    false_alarms: int
-    false_alarms_per_hour: float
-    negative_hours: float
-
-
-def posteriors(session: ModelSession, samples: np.ndarray) -> np.ndarray:
-    """Token posteriors for every model frame of a whole recording (look-ahead flushed)."""
+def posteriors(session: ModelSession, samples: np.ndarray, phase: int = 0) -> np.ndarray:
+    """Token posteriors for every model frame of a whole recording at one LFR phase (look-ahead flushed)."""
     from kwsd.kws.features import offline_features
 
-    feats = offline_features(samples, session.contract.features)
+    feats = offline_features(samples, session.contract.features, phase)
     delay = session.contract.delay_frames
     feats = np.concatenate([feats, np.repeat(feats[-1:], delay, axis=0)])
     probs, _ = session.run(feats[None], session.new_cache(1))
     return probs[0, delay:]
 
 
-def det_table(session: ModelSession, s: Settings, positives: Sequence[Path], negatives: Sequence[Path],
-              thresholds: Sequence[float]) -> list[DetRow]:
-    """Run the model once per file, then decode the cached posteriors at every threshold."""
-    fs = session.contract.features
-    frame_seconds = fs.model_frame_samples / fs.sample_rate
-    det = s.detector
-    pos = [posteriors(session, read_wav(p)) for p in positives]
-    neg_audio = [read_wav(p) for p in negatives]
-    neg = [posteriors(session, a) for a in neg_audio]
-    hours = sum(a.shape[0] for a in neg_audio) / fs.sample_rate / 3600
-    rows = []
-    for t in thresholds:
-        kws = build_keywords([dataclasses.replace(k, threshold=t) for k in det.keywords], session.contract.tokens,
-                             frame_seconds)
-
-        def hits(p: np.ndarray, kws: Any = kws) -> int:
-            return len(new_decoder(kws, det, frame_seconds).step(p, 0))
-
-        detected = sum(1 for p in pos if hits(p) > 0)
-        fa = sum(hits(p) for p in neg)
-        rows.append(DetRow(t, detected / max(1, len(pos)), detected, len(pos), fa, fa / hours if hours else 0.0,
-                           hours))
-    return rows
+def _positives(values: Sequence[str], known: set[str]) -> list[Positives]:
+    out = []
+    for value in values:
+        wid, sep, folder = value.partition("=")
+        if not sep or Path(value).is_dir():
+            wid, folder = "", value
+        if wid and wid not in known:
+            raise ConfigError(f"--positive {value}", f"{wid!r} is not a configured wakewordId ({sorted(known)})")
+        out.append(Positives(Path(folder), wid))
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     try:
         s = _load_settings(args)
         session = open_session(s)
-        build_keywords(s.detector.keywords, session.contract.tokens, 0.03)
+        fs = session.contract.features
+        build_keywords(s.detector.keywords, session.contract.tokens, fs.model_frame_samples / fs.sample_rate)
+        positives = _positives(args.positive, {k.wakeword_id for k in s.detector.keywords})
     except (ConfigError, ModelError, KeywordError) as exc:
         log.error("%s", exc)
         return 2
-    pos = sorted(args.positive.glob("*.wav"))
-    neg = sorted(args.negative.glob("*.wav"))
-    if not pos or not neg:
-        log.error("no WAV files in %s", args.positive if not pos else args.negative)
-        return 2
+    for folder in [p.folder for p in positives] + list(args.negative):
+        if not folder.is_dir() or not any(folder.glob("*.wav")):
+            log.error("no WAV files in %s", folder)
+            return 2
     thresholds = sorted({round(x, 2) for x in np.arange(0.05, 1.0, 0.05)} | {k.threshold for k in s.detector.keywords})
     t0 = time.perf_counter()
-    try:
-        rows = det_table(session, s, pos, neg, thresholds)
-    except AudioFileError as exc:
-        log.error("%s", exc)
-        return 1
+    result = evaluate(session, s.detector, positives, args.negative, thresholds, SHIFTS[: args.offsets])
     if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+        print(json.dumps(dataclasses.asdict(result), indent=1, ensure_ascii=False))
     else:
-        print(f"{len(pos)} positive files, {len(neg)} negative files ({rows[0].negative_hours * 60:.1f} min); "
-              f"keywords: {', '.join(k.phrase for k in s.detector.keywords)}")
-        print(f"{'threshold':>9} {'recall':>7} {'detected':>9} {'false alarms':>13} {'FA/hour':>8}")
-        default = {k.threshold for k in s.detector.keywords}
-        for r in rows:
-            mark = "  <- configured" if r.threshold in default else ""
-            print(f"{r.threshold:9.2f} {r.recall:7.1%} {r.detected:>4}/{r.positives:<4} {r.false_alarms:13d} "
-                  f"{r.false_alarms_per_hour:8.2f}{mark}")
-    log.info("evaluated %d thresholds in %.1f s", len(rows), time.perf_counter() - t0)
+        print_tables(result, args.explain)
+    if result.negative_hours < 1.0:
+        log.warning("the negatives total %.1f min: false alarms per hour measured on less than an hour of audio "
+                    "say little; add hours of ordinary speech", result.negative_hours * 60)
+    log.info("evaluated %d thresholds in %.1f s", len(thresholds), time.perf_counter() - t0)
     if args.plot:
-        plot_det(rows, args.plot)
+        plot_det(result, args.plot)
+    if result.unreadable:
+        log.error("%d unreadable file(s) skipped: %s", len(result.unreadable),
+                  ", ".join(u["file"] for u in result.unreadable))
+        return 1
     return 0
 
 
-def plot_det(rows: Sequence[DetRow], path: Path) -> None:
+def print_tables(result: Evaluation, explain: bool = False) -> None:
+    for kw in result.keywords:
+        shifts = "/".join(f"{s:g}" for s in kw.shifts_ms)
+        print(f"\n{kw.keyword} (wakewordId {kw.wakeword_id}): {kw.positives} positive files at offsets {shifts} ms, "
+              f"{result.negative_files} negative files ({result.negative_hours * 60:.1f} min)")
+        print(f"{'threshold':>9} {'recall':>7} {'detected':>9}  {'recall per offset':<20} {'false alarms':>12} "
+              f"{'FA/hour':>8}")
+        for r in kw.rows:
+            mark = "  <- configured" if r.threshold == kw.threshold else ""
+            per = " ".join(f"{x:6.1%}" for x in r.recall_by_shift)
+            print(f"{r.threshold:9.2f} {r.recall:7.1%} {r.detected:>4}/{r.positives:<4}  {per:<20} "
+                  f"{r.false_alarms:12d} {r.false_alarms_per_hour:8.2f}{mark}")
+        if explain:
+            print(f"false alarms at {kw.threshold:.2f}: {len(kw.false_alarms)}")
+            for fa in kw.false_alarms:
+                print(f"  {fa['file']}  {fa['start']:.2f}-{fa['end']:.2f} s  score {fa['score']:.3f}")
+            print(f"missed positives at {kw.threshold:.2f}: {len(kw.missed)}")
+            for m in kw.missed:
+                print(f"  {m['file']}  offset {m['shift_ms']:g} ms  best score {m['best_score']:.3f}")
+
+
+def plot_det(result: Evaluation, path: Path) -> None:
+    """DET curves, one panel per keyword: false alarms per hour (log scale; none at the left edge) against the
+    miss rate, every point labelled with its thresholds, the configured threshold marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot([r.false_alarms_per_hour for r in rows], [1 - r.recall for r in rows], marker="o")
-    for r in rows[:: max(1, len(rows) // 8)]:
-        ax.annotate(f"{r.threshold:.2f}", (r.false_alarms_per_hour, 1 - r.recall), fontsize=7)
-    ax.set_xlabel("false alarms per hour")
-    ax.set_ylabel("miss rate")
-    ax.set_title("kwsd DET curve")
-    ax.grid(True, alpha=0.3)
+    hours = result.negative_hours
+    n = len(result.keywords)
+    fig, axes = plt.subplots(n, 1, figsize=(7.5, 5.0 * n), squeeze=False)
+    zero = 0.3 / hours if hours else 0.01  # where "no false alarm" is drawn on the log axis
+    cjk = _cjk_font()
+    for kw_index, (ax, kw) in enumerate(zip(axes[:, 0], result.keywords, strict=True)):
+        groups: dict[tuple[float, float], list[float]] = {}
+        for r in kw.rows:
+            x = r.false_alarms_per_hour if r.false_alarms else zero
+            groups.setdefault((x, 100 * (1 - r.recall)), []).append(r.threshold)
+        pts = list(groups)  # in threshold order: the curve runs from the lowest threshold to the highest
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="tab:blue", zorder=2)
+        ax.set_xscale("log")
+        conf = next(r for r in kw.rows if r.threshold == kw.threshold)
+        cx = conf.false_alarms_per_hour if conf.false_alarms else zero
+        cy = 100 * (1 - conf.recall)
+        ax.plot([cx], [cy], marker="*", markersize=16, color="tab:red", zorder=3,
+                label=f"configured threshold {kw.threshold:.2f}")
+        labels = []
+        for (x, y), ts in groups.items():
+            text = f"{min(ts):.2f}" if len(ts) == 1 else f"{min(ts):.2f}-{max(ts):.2f}"
+            labels.append((x, y, text))
+        ax.set_xlim(zero / 2, max(max(p[0] for p in pts) * 3, zero * 30))
+        ax.set_ylim(-3, max(max(p[1] for p in pts) * 1.15, 10))
+        ax.axvline(zero, color="grey", lw=0.6, ls=":")
+        ax.set_xticks([zero], labels=["none"], minor=True)  # the column of thresholds without false alarms
+        ax.set_xlabel("false alarms per hour (log scale)")
+        ax.set_ylabel("miss rate at the worst offset (%)")
+        name = kw.keyword if cjk else f"detector.keywords[{kw_index}]"
+        ax.set_title(f"{name}: {kw.positives} positives, {hours * 60:.1f} min of negatives; labels: thresholds")
+        ax.grid(True, which="both", alpha=0.3)
+        legend = ax.legend(loc="upper right", fontsize=8)
+        obstacles = [legend]
+        if hours < 1.0:
+            obstacles.append(ax.text(0.98, 0.10, f"WARNING: only {hours * 60:.1f} min of negatives (< 1 h):\n"
+                                     "false alarms per hour are not reliable", transform=ax.transAxes,
+                                     color="tab:red", fontsize=9, ha="right", va="bottom"))
+        _place_labels(fig, ax, labels, obstacles)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"DET curve written to {path}", file=sys.stderr)
+
+
+def _cjk_font() -> bool:
+    """Whether a font that draws Chinese is installed (then it is used); otherwise titles name keywords by number."""
+    from matplotlib import font_manager, rcParams
+
+    for font in font_manager.fontManager.ttflist:
+        if any(tag in font.name for tag in ("CJK", "WenQuanYi", "Hei", "Song", "Ming", "Droid Sans Fallback")):
+            rcParams["font.sans-serif"] = [font.name, *rcParams["font.sans-serif"]]
+            return True
+    return False
+
+
+def _place_labels(fig: Any, ax: Any, labels: list[tuple[float, float, str]], obstacles: Sequence[Any]) -> None:
+    """Label every point, each label moved around its point until it overlaps no other label, no point and no
+    other text."""
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    taken: list[Any] = [o.get_window_extent(renderer) for o in obstacles]
+    points = [ax.transData.transform((x, y)) for x, y, _ in labels]
+    for (x, y, text), _ in zip(labels, points, strict=True):
+        placed = None
+        for radius in (8, 16, 26, 38, 52, 70):
+            for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)):
+                ann = ax.annotate(text, (x, y), xytext=(dx * radius, dy * radius), textcoords="offset points",
+                                  fontsize=7, ha="left" if dx >= 0 else "right",
+                                  va="bottom" if dy >= 0 else "top",
+                                  arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
+                box = ann.get_window_extent(renderer).expanded(1.05, 1.1)
+                clash = any(box.overlaps(b) for b in taken) or any(box.contains(px, py) for px, py in points)
+                if not clash:
+                    placed = (ann, box)
+                    break
+                ann.remove()
+            if placed:
+                break
+        if placed is None:  # crowded: the last resort is the farthest position
+            ann = ax.annotate(text, (x, y), xytext=(60, 60), textcoords="offset points", fontsize=7,
+                              arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
+            placed = (ann, ann.get_window_extent(renderer))
+        taken.append(placed[1])

@@ -1,21 +1,23 @@
-"""CTC keyword decoder: one per stream, fed the model's posteriors, emits keyword hits.
+"""CTC keyword decoder: one per stream (and LFR phase), fed the model's posteriors, emits keyword hits.
 
-The search is a CTC prefix beam search restricted to ``{blank} + keyword tokens``, in the log
-domain. Per model frame (30 ms) only the top-k tokens above a floor count; a frame whose surviving
-tokens are neither blank nor a keyword token changes nothing. Every prefix remembers, per token, the
-frame and value of its peak posterior; a prefix that ends with a keyword's token sequence is a
-candidate, scored by the geometric mean of those peaks (so thresholds compare across keywords of
-different length) and bounded by duration limits. A hit resets the search and starts a refractory
-period. A candidate fires on the first frame it passes, so ``Hit.score`` is the score at that frame.
-Tokens that peaked longer ago than the longest keyword may last are dropped from the prefixes: a
-keyword run that long is never formed (so it is not counted as rejected either).
+Each keyword has its own search: a CTC prefix beam search restricted to ``{blank} + its tokens``, in the log domain,
+with its own refractory period, so one keyword never masks another (你好小云 and 小云小云 in "你好我是小云小云" both
+fire). Per model frame (30 ms) only the top-k tokens above a floor count; a frame whose surviving tokens are neither
+blank nor one of the keyword's tokens changes nothing for it. Every prefix remembers, per token, the frame and value
+of its peak posterior; a prefix that ends with the keyword's token sequence is a candidate, scored by the geometric
+mean of those peaks (so thresholds compare across keywords of different length) and bounded by the keyword's shape:
+the span from the first to the last peak and the gap between consecutive peaks. A hit resets that keyword's search
+and starts its refractory period. A candidate fires on the first frame it passes, so ``Hit.score`` is the score at
+that frame. Tokens that peaked longer ago than the keyword may last are dropped from the prefixes: a keyword run that
+long is never formed (so it is not counted as rejected either).
 
-Speed: most frames are blank-dominated. A vectorised pass over the whole ``[T, V]`` block finds the
-few frames that carry a keyword token; only those run the Python beam update. A run of blank-only
-frames changes the search in one way only (every prefix ends in blank), applied once. Path scores
-are renormalised after every update, so hours of frames cannot underflow. Frames are processed one
-at a time in order, so detections do not depend on how a stream's frames are split across
-:meth:`KeywordDecoder.step` calls.
+Speed: most frames are blank-dominated. A vectorised pass over the whole ``[T, V]`` block finds the few frames that
+carry a keyword token; only those run the Python beam update. A run of blank-only frames changes the search in one
+way only (every prefix ends in blank), applied once. Path scores are renormalised after every update, so hours of
+frames cannot underflow. Frames are processed one at a time in order, so detections do not depend on how a stream's
+frames are split across :meth:`KeywordDecoder.step` calls. :meth:`KeywordDecoder.columns` keeps only what the search
+reads of a posterior row (the keyword columns and the row's k-th largest value), so long recordings can be decoded
+at several thresholds without holding the model's 2599 outputs per frame.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,9 @@ class Keyword:
     """Shortest accepted keyword, model frames (first token's peak to last token's peak, inclusive)."""
     max_frames: int
     """Longest accepted keyword, model frames."""
+    max_gap_frames: int | None = None
+    """Longest accepted distance between the peaks of two consecutive tokens, model frames; None: no limit.
+    Syllables of one spoken keyword follow each other closely; a longer gap means they came from different words."""
 
     def __post_init__(self) -> None:
         name = self.wakeword_id or self.phrase
@@ -118,6 +124,8 @@ class Keyword:
             raise KeywordError(
                 f"keyword {name!r}: max_frames {self.max_frames!r} is below min_frames {self.min_frames!r}"
             )
+        if self.max_gap_frames is not None and self.max_gap_frames < 1:
+            raise KeywordError(f"keyword {name!r}: max_gap_frames {self.max_gap_frames!r} is below 1")
 
     @classmethod
     def from_phrase(
@@ -128,6 +136,7 @@ class Keyword:
         threshold: float,
         min_frames: int,
         max_frames: int,
+        max_gap_frames: int | None = None,
         wakeword_id: str = "",
     ) -> Keyword:
         """Build a keyword from its spelling; the wake word id defaults to the phrase without spaces."""
@@ -138,6 +147,7 @@ class Keyword:
             threshold=threshold,
             min_frames=min_frames,
             max_frames=max_frames,
+            max_gap_frames=max_gap_frames,
         )
 
 
@@ -205,6 +215,173 @@ def _stale_count(peaks: Peaks, horizon: int) -> int:
     return n
 
 
+class _Search:
+    """The prefix beam search of one keyword, its refractory period and its candidate counts."""
+
+    def __init__(self, keyword: Keyword, columns: tuple[int, ...], token_ids: tuple[int, ...]) -> None:
+        self.keyword = keyword
+        self.columns = columns
+        """Positions of blank and of this keyword's distinct tokens among the decoder's relevant columns."""
+        self.token_ids = token_ids
+        """Token id of each of those columns."""
+        self.reset()
+
+    def __eq__(self, other: object) -> bool:
+        """Same keyword and same state (two decoders fed the same frames compare equal)."""
+        return isinstance(other, _Search) and vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def reset(self) -> None:
+        self.reset_search()
+        self.last_hit_end: int | None = None
+        self.rejected = 0
+        self.suppressed = 0
+        self.pending_rejects: set[int] = set()  # start frames of candidates rejected since the last fold
+        self.pending_suppressed: set[int] = set()
+        self.best = 0.0
+        self.best_shaped = 0.0  # best candidate within the keyword's span and gap limits
+
+    def reset_search(self) -> None:
+        self.hyps: dict[tuple[int, ...], _Hyp] = {(): [0.0, _NEG_INF, 0.0, (), _NEG_INF, ()]}
+        self.collapsed = True
+
+    def collapse(self) -> None:
+        """Apply a blank-only frame: every prefix now ends in blank. Ranking is unchanged; idempotent."""
+        if self.collapsed:
+            return
+        for hyp in self.hyps.values():
+            hyp[_B] = _logaddexp(hyp[_B], hyp[_NB])
+            hyp[_NB] = _NEG_INF
+            if hyp[_VNB] > hyp[_VB]:
+                hyp[_VB] = hyp[_VNB]
+                hyp[_PKB] = hyp[_PKNB]
+            hyp[_VNB] = _NEG_INF
+            hyp[_PKNB] = ()
+        self.collapsed = True
+
+    def advance(self, frame: int, toks: list[tuple[int, float]], beam: int) -> None:
+        """One frame of prefix beam search over the surviving ``(token, log posterior)``."""
+        nxt: dict[tuple[int, ...], _Hyp] = {}
+        max_len = len(self.keyword.token_ids)
+        # A token that peaked before the horizon can no longer start a keyword short enough for its limit: drop
+        # it, so a stale alignment cannot stand in for a fresh one of the same tokens.
+        horizon = frame - self.keyword.max_frames + 1
+        for prefix, (pb, pnb, vb, pkb, vnb, pknb) in self.hyps.items():
+            if prefix:
+                stale = min(
+                    _stale_count(pkb, horizon) if vb > _NEG_INF else len(prefix),
+                    _stale_count(pknb, horizon) if vnb > _NEG_INF else len(prefix),
+                )
+                if stale == len(prefix) and pnb > _NEG_INF:
+                    stale -= 1  # a token still held decides whether a repeat is a new token
+                if stale:
+                    prefix = prefix[stale:]
+                    pkb = pkb[stale:]
+                    pknb = pknb[stale:]
+            last = prefix[-1] if prefix else -1
+            total = _logaddexp(pb, pnb)
+            if vnb > vb:
+                vbest, pkbest = vnb, pknb
+            else:
+                vbest, pkbest = vb, pkb
+            for tok, lp in toks:
+                if tok == BLANK_ID:
+                    _add_blank(nxt, prefix, total + lp, vbest + lp, pkbest)
+                    continue
+                if tok == last:
+                    # Staying in the last token (no blank between) extends nothing; it may raise that token's
+                    # peak. A repeat is a new token only after a blank.
+                    if pnb > _NEG_INF:
+                        stay = (*pknb[:-1], (frame, lp)) if lp > pknb[-1][1] else pknb
+                        _add_token(nxt, prefix, pnb + lp, vnb + lp, stay)
+                    if pb == _NEG_INF:
+                        continue
+                    p_src, v_src, pk_src = pb, vb, pkb
+                else:
+                    p_src, v_src, pk_src = total, vbest, pkbest
+                new_prefix = (*prefix, tok)
+                new_peaks = (*pk_src, (frame, lp))
+                # Only the last max_len tokens can still become part of the keyword: older ones are dropped,
+                # which also merges prefixes that can no longer be told apart.
+                if len(new_prefix) > max_len:
+                    new_prefix = new_prefix[1:]
+                    new_peaks = new_peaks[1:]
+                _add_token(nxt, new_prefix, p_src + lp, v_src + lp, new_peaks)
+
+        ranked = sorted(nxt.items(), key=lambda item: _logaddexp(item[1][_B], item[1][_NB]), reverse=True)
+        del ranked[beam:]
+        top = _logaddexp(ranked[0][1][_B], ranked[0][1][_NB])
+        hyps: dict[tuple[int, ...], _Hyp] = {}
+        for prefix, hyp in ranked:
+            hyp[_B] -= top
+            hyp[_NB] -= top
+            hyp[_VB] -= top
+            hyp[_VNB] -= top
+            hyps[prefix] = hyp
+        self.hyps = hyps
+        self.collapsed = False
+
+    def detect(self, frame: int, refractory: int) -> Hit | None:
+        """Check the prefixes whose last token peaked at ``frame`` for the keyword ending there."""
+        kw = self.keyword
+        ids = kw.token_ids
+        n = len(ids)
+        best: Hit | None = None
+        for prefix, hyp in self.hyps.items():
+            peaks = hyp[_PKNB]
+            if not peaks or peaks[-1][0] != frame or len(prefix) < n or prefix[-n:] != ids:
+                continue  # unchanged since the previous frame (already judged), or not the keyword
+            run = peaks[-n:]
+            start, end = run[0][0], run[-1][0]
+            score = math.exp(math.fsum(v for _, v in run) / n)
+            if score > self.best:
+                self.best = score
+            duration = end - start + 1
+            gap_ok = kw.max_gap_frames is None or all(
+                b[0] - a[0] <= kw.max_gap_frames for a, b in pairwise(run))
+            shaped = gap_ok and kw.min_frames <= duration <= kw.max_frames
+            if shaped and score > self.best_shaped:
+                self.best_shaped = score
+            if score < kw.threshold or not shaped:
+                self._note(self.pending_rejects, start, True)
+                log.debug("keyword %s rejected at frame %d: score %.3f, %d frames, peaks %s", kw.wakeword_id,
+                          frame, score, duration, [f for f, _ in run])
+                continue
+            if self.last_hit_end is not None and end - self.last_hit_end < refractory:
+                self._note(self.pending_suppressed, start, False)
+                continue
+            if best is None or score > best.score:
+                best = Hit(keyword=kw, score=score, start_frame=start, end_frame=end, decided_frame=frame)
+        if best is None:
+            return None
+        # A candidate that was rejected on its rising edge and fired once its peak grew is not a rejection.
+        self.pending_rejects.discard(best.start_frame)
+        self.pending_suppressed.discard(best.start_frame)
+        self.fold()
+        self.last_hit_end = best.end_frame
+        self.reset_search()
+        log.debug("keyword %s hit: score %.3f, frames %d-%d", kw.wakeword_id, best.score, best.start_frame,
+                  best.end_frame)
+        return best
+
+    def _note(self, pending: set[int], start: int, rejected: bool) -> None:
+        pending.add(start)
+        if len(pending) > _MAX_PENDING:
+            if rejected:
+                self.rejected += len(pending)
+            else:
+                self.suppressed += len(pending)
+            pending.clear()
+
+    def fold(self) -> None:
+        """Move the pending candidates (distinct start frames) into the counts."""
+        self.rejected += len(self.pending_rejects)
+        self.pending_rejects.clear()
+        self.suppressed += len(self.pending_suppressed)
+        self.pending_suppressed.clear()
+
+
 class KeywordDecoder:
     """Per-stream CTC keyword search; :meth:`reset` clears its state. Use from one thread at a time."""
 
@@ -232,13 +409,17 @@ class KeywordDecoder:
         self.top_k = top_k
         self.token_floor = token_floor
         self.refractory_frames = refractory_frames
+        """Frames after a keyword's hit (from its last peak) during which the same keyword cannot fire again."""
 
         relevant = sorted({t for kw in self.keywords for t in kw.token_ids})
         self._rel = np.array([BLANK_ID, *relevant], dtype=np.intp)
         self._rel_ids: tuple[int, ...] = tuple(int(t) for t in self._rel)
         self._max_id = int(self._rel.max())
-        self._max_len = max(len(kw.token_ids) for kw in self.keywords)
-        self._max_frames = max(kw.max_frames for kw in self.keywords)
+        position = {t: i for i, t in enumerate(self._rel_ids)}
+        self._searches = []
+        for kw in self.keywords:
+            own = (BLANK_ID, *sorted(set(kw.token_ids)))
+            self._searches.append(_Search(kw, tuple(position[t] for t in own), own))
         # A token at or above this posterior is certainly among the top k of a row summing to at most
         # 1 + slack: fewer than k other tokens can each exceed it. Only rows with a relevant token
         # between the floor and this bound need an exact rank check.
@@ -248,61 +429,89 @@ class KeywordDecoder:
     # --- state -----------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget everything: search, refractory period, counters and the expected next frame."""
-        self._reset_search()
-        self._last_hit_end: int | None = None
+        """Forget everything: searches, refractory periods, counters and the expected next frame."""
+        for search in self._searches:
+            search.reset()
         self._next_frame = 0
-        self._rejected = [0] * len(self.keywords)  # per keyword, folded from the pending set
-        self._suppressed = 0
-        self._pending_rejects: set[tuple[int, int]] = set()
-        self._pending_suppressed: set[tuple[int, int]] = set()
-        self._best = [0.0] * len(self.keywords)
         self.frames = 0
         """Frames decoded since reset."""
         self.beam_frames = 0
         """Frames that ran the beam update (carried a keyword token in the top-k above the floor)."""
 
-    def _reset_search(self) -> None:
-        self._hyps: dict[tuple[int, ...], _Hyp] = {(): [0.0, _NEG_INF, 0.0, (), _NEG_INF, ()]}
-        self._collapsed = True
-
     @property
     def rejected(self) -> int:
-        """Candidates that matched a keyword but failed its threshold or duration limits (and never fired)."""
-        return sum(self._rejected) + len(self._pending_rejects)
+        """Candidates that matched a keyword but failed its threshold or shape limits (and never fired)."""
+        return sum(s.rejected + len(s.pending_rejects) for s in self._searches)
 
     def rejected_by_keyword(self) -> dict[str, int]:
         """:attr:`rejected` per wake word id, every keyword listed (keywords sharing an id are added up)."""
-        counts = list(self._rejected)
-        for k, _ in self._pending_rejects:
-            counts[k] += 1
         out: dict[str, int] = {}
-        for kw, n in zip(self.keywords, counts, strict=True):
-            out[kw.wakeword_id] = out.get(kw.wakeword_id, 0) + n
+        for s in self._searches:
+            wid = s.keyword.wakeword_id
+            out[wid] = out.get(wid, 0) + s.rejected + len(s.pending_rejects)
         return out
 
     @property
     def suppressed(self) -> int:
-        """Candidates that passed but fell inside the refractory period of the previous hit."""
-        return self._suppressed + len(self._pending_suppressed)
+        """Candidates that passed but fell inside the refractory period of their keyword's previous hit."""
+        return sum(s.suppressed + len(s.pending_suppressed) for s in self._searches)
 
     @property
     def next_frame(self) -> int:
         """The frame index the next :meth:`step` call may start at (at the earliest)."""
         return self._next_frame
 
-    def best_score(self, wakeword_id: str | None = None) -> float:
+    def best_score(self, wakeword_id: str | None = None, shaped: bool = False) -> float:
         """Best candidate score since :meth:`reset` (fired, rejected or suppressed); 0 if none.
 
-        For one keyword (by wake word id) or, by default, all of them. Diagnostics: threshold tuning.
+        For one keyword (by wake word id) or, by default, all of them; ``shaped``: only candidates within the
+        keyword's span and gap limits (the threshold a missed keyword would have needed). Diagnostics: threshold
+        tuning.
         """
-        scores = [s for kw, s in zip(self.keywords, self._best, strict=True)
-                  if wakeword_id is None or kw.wakeword_id == wakeword_id]
+        scores = [s.best_shaped if shaped else s.best for s in self._searches
+                  if wakeword_id is None or s.keyword.wakeword_id == wakeword_id]
         if not scores:
             raise KeywordError(f"wakeword_id {wakeword_id!r} is not one of this decoder's keywords")
         return max(scores)
 
     # --- decoding --------------------------------------------------------------------------------
+
+    @property
+    def column_ids(self) -> tuple[int, ...]:
+        """Token ids of the columns :meth:`columns` keeps (blank first); the last column is the rank bound."""
+        return self._rel_ids
+
+    def columns(self, probs: npt.NDArray[np.floating]) -> np.ndarray:
+        """What the search reads of posteriors ``[T, V]``: ``[T, R + 1]`` float32.
+
+        The first R columns are blank and the keyword tokens; the last is the row's k-th largest posterior
+        where the rank decides whether a keyword token counts (0 elsewhere). Decoders with the same keyword
+        tokens and search settings accept each other's columns (:meth:`step_columns`).
+        """
+        p = np.asarray(probs)
+        if p.ndim != 2:
+            raise ValueError(f"posteriors must be [frames, tokens], got shape {p.shape}")
+        vocab = p.shape[1]
+        if vocab <= self._max_id:
+            raise ValueError(f"posteriors have {vocab} tokens; keyword token id {self._max_id} needs more")
+        out = np.zeros((p.shape[0], len(self._rel) + 1), dtype=np.float32)
+        sub = out[:, :-1]
+        sub[:] = p[:, self._rel]
+        if self.top_k < vocab and self.token_floor < self._sure:
+            unsure = ((sub > self.token_floor) & (sub < self._sure)).any(axis=1)
+            if unsure.any():
+                rows = np.flatnonzero(unsure)
+                out[rows, -1] = np.partition(p[rows], vocab - self.top_k, axis=1)[:, vocab - self.top_k]
+        return out
+
+    def _members(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The relevant columns ``[N, R]`` (blank first) of :meth:`columns` output and which of them count.
+
+        A token counts when it is above the floor and among the row's top k. Each row is judged on its own, so
+        judging a whole batch at once gives every row the same answer as judging its stream alone.
+        """
+        sub = cols[:, :-1]
+        return sub, (sub > self.token_floor) & (sub >= cols[:, -1:])
 
     def step(self, probs: npt.NDArray[np.floating], first_frame: int) -> list[Hit]:
         """Decode consecutive model frames ``first_frame .. first_frame+T-1``; return the hits they complete.
@@ -310,67 +519,67 @@ class KeywordDecoder:
         ``probs`` is ``[T, V]`` softmax posteriors (each row sums to 1). Frames must not go backwards
         across calls; a gap is allowed (its frames count as never heard).
         """
-        p = np.asarray(probs)
-        if p.ndim != 2:
-            raise ValueError(f"posteriors must be [frames, tokens], got shape {p.shape}")
-        n_frames, vocab = p.shape
-        if vocab <= self._max_id:
-            raise ValueError(f"posteriors have {vocab} tokens; keyword token id {self._max_id} needs more")
+        return self.step_columns(self.columns(probs), first_frame)
+
+    def step_columns(self, cols: npt.NDArray[np.floating], first_frame: int) -> list[Hit]:
+        """:meth:`step` on what :meth:`columns` kept of the posteriors."""
+        c = np.asarray(cols)
+        if c.ndim != 2 or c.shape[1] != len(self._rel) + 1:
+            raise ValueError(f"keyword columns must be [frames, {len(self._rel) + 1}], got shape {c.shape}")
         if first_frame < self._next_frame:
             raise ValueError(
                 f"first_frame {first_frame} goes back before frame {self._next_frame} already decoded"
             )
+        n_frames = c.shape[0]
         self._next_frame = first_frame + n_frames
         self.frames += n_frames
         if n_frames == 0:
             return []
+        sub, member = self._members(c)
+        any_rows = member[:, 1:].any(axis=1)
+        if not any_rows.any():
+            if member[:, 0].any():
+                for search in self._searches:
+                    search.collapse()
+            return []
+        self.beam_frames += int(any_rows.sum())
+        hits: list[Hit] = []
+        for search in self._searches:
+            hits.extend(self._run_search(search, sub, member, first_frame))
+        if len(self._searches) > 1:
+            hits.sort(key=lambda h: h.decided_frame)
+        return hits
 
-        sub, member = self._members(p)
-        keyword_rows = member[:, 1:].any(axis=1)
-        blank_only = member[:, 0] & ~keyword_rows
+    def _run_search(self, search: _Search, sub: np.ndarray, member: np.ndarray, first_frame: int) -> list[Hit]:
+        cols = search.columns
+        own = member[:, cols]
+        keyword_rows = own[:, 1:].any(axis=1)
+        blank_only = own[:, 0] & ~keyword_rows
         rows_idx = np.flatnonzero(keyword_rows)
-
         if rows_idx.size == 0:
             if blank_only.any():
-                self._collapse()
+                search.collapse()
             return []
-
         hits: list[Hit] = []
         blank_seen = np.cumsum(blank_only)
-        sub_rows = sub[rows_idx].tolist()
-        member_rows = member[rows_idx].tolist()
+        sub_rows = sub[rows_idx][:, cols].tolist()
+        member_rows = own[rows_idx].tolist()
         seen_before = 0
-        rel_ids = self._rel_ids
+        ids = search.token_ids
         for i, values, keep in zip(rows_idx.tolist(), sub_rows, member_rows, strict=True):
             seen = int(blank_seen[i])
             if seen > seen_before:
-                self._collapse()
+                search.collapse()
             seen_before = seen
-            toks = [(rel_ids[j], math.log(values[j])) for j in range(len(keep)) if keep[j]]
-            hit = self._advance(first_frame + i, toks)
+            toks = [(ids[j], math.log(values[j])) for j in range(len(keep)) if keep[j]]
+            frame = first_frame + i
+            search.advance(frame, toks, self.beam)
+            hit = search.detect(frame, self.refractory_frames)
             if hit is not None:
                 hits.append(hit)
         if int(blank_seen[-1]) > seen_before:
-            self._collapse()
-        self.beam_frames += int(rows_idx.size)
+            search.collapse()
         return hits
-
-    def _members(self, p: npt.NDArray[np.floating]) -> tuple[np.ndarray, np.ndarray]:
-        """For rows ``[N, V]``: the relevant columns ``[N, R]`` (blank first) and which of them count.
-
-        A token counts when it is above the floor and among the row's top k. Each row is judged on its own, so
-        judging a whole batch at once gives every row the same answer as judging its stream alone.
-        """
-        vocab = p.shape[-1]
-        sub = p[:, self._rel]  # [N, R]; column 0 is blank
-        member = sub > self.token_floor
-        if self.top_k < vocab and self.token_floor < self._sure:
-            unsure = (member & (sub < self._sure)).any(axis=1)
-            if unsure.any():
-                rows = np.flatnonzero(unsure)
-                kth = np.partition(p[rows], vocab - self.top_k, axis=1)[:, vocab - self.top_k]
-                member[rows] &= sub[rows] >= kth[:, None]
-        return sub, member
 
     def scan(self, probs: npt.NDArray[np.floating]) -> tuple[np.ndarray, np.ndarray]:
         """Judge a batch of streams' posteriors ``[B, T, V]`` at once, for decoders with this one's settings.
@@ -385,7 +594,15 @@ class KeywordDecoder:
         n_streams, n_frames, vocab = p.shape
         if vocab <= self._max_id:
             raise ValueError(f"posteriors have {vocab} tokens; keyword token id {self._max_id} needs more")
-        _, member = self._members(p.reshape(n_streams * n_frames, vocab))
+        flat = p.reshape(n_streams * n_frames, vocab)
+        sub = flat[:, self._rel]
+        member = sub > self.token_floor
+        if self.top_k < vocab and self.token_floor < self._sure:
+            unsure = (member & (sub < self._sure)).any(axis=1)
+            if unsure.any():
+                rows = np.flatnonzero(unsure)
+                kth = np.partition(flat[rows], vocab - self.top_k, axis=1)[:, vocab - self.top_k]
+                member[rows] &= sub[rows] >= kth[:, None]
         member = member.reshape(n_streams, n_frames, -1)
         keyword_rows = member[:, :, 1:].any(axis=2)
         busy = np.any(keyword_rows, axis=1)
@@ -402,140 +619,5 @@ class KeywordDecoder:
         self._next_frame = first_frame + n_frames
         self.frames += n_frames
         if n_frames and blank_only:
-            self._collapse()
-
-    def _collapse(self) -> None:
-        """Apply a blank-only frame: every prefix now ends in blank. Ranking is unchanged; idempotent."""
-        if self._collapsed:
-            return
-        for hyp in self._hyps.values():
-            hyp[_B] = _logaddexp(hyp[_B], hyp[_NB])
-            hyp[_NB] = _NEG_INF
-            if hyp[_VNB] > hyp[_VB]:
-                hyp[_VB] = hyp[_VNB]
-                hyp[_PKB] = hyp[_PKNB]
-            hyp[_VNB] = _NEG_INF
-            hyp[_PKNB] = ()
-        self._collapsed = True
-
-    def _advance(self, frame: int, toks: list[tuple[int, float]]) -> Hit | None:
-        """One frame of prefix beam search over the surviving ``(token, log posterior)``; then detect."""
-        nxt: dict[tuple[int, ...], _Hyp] = {}
-        max_len = self._max_len
-        # A token that peaked before the horizon can no longer start a keyword short enough for any
-        # limit: drop it, so a stale alignment cannot stand in for a fresh one of the same tokens.
-        horizon = frame - self._max_frames + 1
-        for prefix, (pb, pnb, vb, pkb, vnb, pknb) in self._hyps.items():
-            if prefix:
-                stale = min(
-                    _stale_count(pkb, horizon) if vb > _NEG_INF else len(prefix),
-                    _stale_count(pknb, horizon) if vnb > _NEG_INF else len(prefix),
-                )
-                if stale == len(prefix) and pnb > _NEG_INF:
-                    stale -= 1  # a token still held decides whether a repeat is a new token
-                if stale:
-                    prefix = prefix[stale:]
-                    pkb = pkb[stale:]
-                    pknb = pknb[stale:]
-            last = prefix[-1] if prefix else -1
-            total = _logaddexp(pb, pnb)
-            if vnb > vb:
-                vbest, pkbest = vnb, pknb
-            else:
-                vbest, pkbest = vb, pkb
-            for tok, lp in toks:
-                if tok == BLANK_ID:
-                    _add_blank(nxt, prefix, total + lp, vbest + lp, pkbest)
-                    continue
-                if tok == last:
-                    # Staying in the last token (no blank between) extends nothing; it may raise
-                    # that token's peak. A repeat is a new token only after a blank.
-                    if pnb > _NEG_INF:
-                        stay = (*pknb[:-1], (frame, lp)) if lp > pknb[-1][1] else pknb
-                        _add_token(nxt, prefix, pnb + lp, vnb + lp, stay)
-                    if pb == _NEG_INF:
-                        continue
-                    p_src, v_src, pk_src = pb, vb, pkb
-                else:
-                    p_src, v_src, pk_src = total, vbest, pkbest
-                new_prefix = (*prefix, tok)
-                new_peaks = (*pk_src, (frame, lp))
-                # Only the last max_len tokens can still become part of a keyword: older ones are
-                # dropped, which also merges prefixes that can no longer be told apart.
-                if len(new_prefix) > max_len:
-                    new_prefix = new_prefix[1:]
-                    new_peaks = new_peaks[1:]
-                _add_token(nxt, new_prefix, p_src + lp, v_src + lp, new_peaks)
-
-        ranked = sorted(nxt.items(), key=lambda item: _logaddexp(item[1][_B], item[1][_NB]), reverse=True)
-        del ranked[self.beam:]
-        top = _logaddexp(ranked[0][1][_B], ranked[0][1][_NB])
-        hyps: dict[tuple[int, ...], _Hyp] = {}
-        for prefix, hyp in ranked:
-            hyp[_B] -= top
-            hyp[_NB] -= top
-            hyp[_VB] -= top
-            hyp[_VNB] -= top
-            hyps[prefix] = hyp
-        self._hyps = hyps
-        self._collapsed = False
-        return self._detect(frame)
-
-    def _detect(self, frame: int) -> Hit | None:
-        """Check the prefixes whose last token peaked at ``frame`` for a keyword ending there."""
-        best: Hit | None = None
-        best_key = (0, 0)
-        for prefix, hyp in self._hyps.items():
-            peaks = hyp[_PKNB]
-            if not peaks or peaks[-1][0] != frame:
-                continue  # unchanged since the previous frame: already judged
-            for k, kw in enumerate(self.keywords):
-                n = len(kw.token_ids)
-                if len(prefix) < n or prefix[-n:] != kw.token_ids:
-                    continue
-                run = peaks[-n:]
-                start, end = run[0][0], run[-1][0]
-                score = math.exp(math.fsum(v for _, v in run) / n)
-                if score > self._best[k]:
-                    self._best[k] = score
-                key = (k, start)
-                duration = end - start + 1
-                if score < kw.threshold or not kw.min_frames <= duration <= kw.max_frames:
-                    self._note(self._pending_rejects, key, True)
-                    log.debug("keyword %s rejected at frame %d: score %.3f, %d frames", kw.wakeword_id, frame,
-                              score, duration)
-                    continue
-                if self._last_hit_end is not None and end - self._last_hit_end < self.refractory_frames:
-                    self._note(self._pending_suppressed, key, False)
-                    continue
-                if best is None or score > best.score:
-                    best = Hit(keyword=kw, score=score, start_frame=start, end_frame=end, decided_frame=frame)
-                    best_key = key
-        if best is None:
-            return None
-        # A candidate that was rejected on its rising edge and fired once its peak grew is not a rejection.
-        self._pending_rejects.discard(best_key)
-        self._pending_suppressed.discard(best_key)
-        self._fold_rejects()
-        self._suppressed += len(self._pending_suppressed)
-        self._pending_suppressed.clear()
-        self._last_hit_end = best.end_frame
-        self._reset_search()
-        log.debug("keyword %s hit: score %.3f, frames %d-%d", best.keyword.wakeword_id, best.score,
-                  best.start_frame, best.end_frame)
-        return best
-
-    def _note(self, pending: set[tuple[int, int]], key: tuple[int, int], rejected: bool) -> None:
-        pending.add(key)
-        if len(pending) > _MAX_PENDING:
-            if rejected:
-                self._fold_rejects()
-            else:
-                self._suppressed += len(pending)
-                pending.clear()
-
-    def _fold_rejects(self) -> None:
-        """Move the pending rejected candidates, keyed ``(keyword index, start frame)``, into the counts."""
-        for k, _ in self._pending_rejects:
-            self._rejected[k] += 1
-        self._pending_rejects.clear()
+            for search in self._searches:
+                search.collapse()

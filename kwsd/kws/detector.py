@@ -1,10 +1,20 @@
 """The multi-stream detector: audio in, keyword detections out, one batched inference call per step.
 
-Each stream owns its feature state, a row of the shared model cache and a keyword decoder. ``accept`` turns audio
-into model frames at once; ``step`` gathers every stream with frames pending into one ``session.run`` (the batch
-dimension is the streams), scatters the new cache rows back with array indexing, and decodes each stream. Streams can
-join and leave between steps. Time is counted in samples from each stream's start, so a replayed file and a live
-microphone give the same detections whatever the block sizes.
+The model sees one frame per 30 ms, so an utterance lands on one of three low-frame-rate phases, and its score
+depends on which (0.997 at one phase, 0.43 at another, for the same clip). A live microphone's phase is random, so
+every stream runs all three: its 10 ms fbank is computed once, spliced at each phase, and the phases are three rows
+of the shared model cache and of the same batched ``session.run``. Each phase has its own keyword decoder
+(:class:`PhasedDecoder`): a keyword fires when any phase's candidate passes its threshold, the first phase's hit is
+held for one more model frame so the other phases' hits of the same utterance can join it, and the best-scoring one
+is reported; later hits of the keyword within its refractory period are the same utterance and are dropped. A shift
+of the audio by 10 or 20 ms only changes which row hears which phase, so detections do not depend on where the audio
+began. Holding the hit adds at most one model frame (30 ms) to the wake latency.
+
+Each stream owns its feature state, three rows of the model cache and three decoders. ``accept`` queues audio;
+``step`` extracts features for every stream, gathers every stream with frames pending into one ``session.run`` (the
+batch dimension is streams x phases), scatters the new cache rows back and decodes. Streams can join and leave
+between steps. Time is counted in samples from each stream's start, so a replayed file and a live microphone give the
+same detections whatever the block sizes.
 """
 
 from __future__ import annotations
@@ -19,8 +29,8 @@ from itertools import pairwise
 
 import numpy as np
 
-from kwsd.kws.decoder import Keyword, KeywordDecoder, KeywordError, tokenize
-from kwsd.kws.features import FeatureStream, extract_batch
+from kwsd.kws.decoder import Hit, Keyword, KeywordDecoder, KeywordError, tokenize
+from kwsd.kws.features import FbankStream, LfrStacker, fbank_batch
 from kwsd.kws.session import ModelSession
 from kwsd.settings import DetectorSettings, KeywordSettings
 
@@ -72,15 +82,95 @@ class StepTiming:
 class _Stream:
     name: str
     slot: int
-    features: FeatureStream
-    decoder: KeywordDecoder
+    """Cache rows ``slot * phases .. slot * phases + phases - 1``, one per LFR phase."""
+    fbank: FbankStream
+    """The 10 ms step, once per stream."""
+    lfr: LfrStacker
+    """Splice + LFR for every phase."""
+    phased: PhasedDecoder
+    """One decoder per phase and the fusion of their hits."""
     start_sample: int
     raw: list[np.ndarray] = field(default_factory=list)  # audio accepted, features not yet extracted
-    pending: list[np.ndarray] = field(default_factory=list)
+    pending: list[np.ndarray] = field(default_factory=list)  # [phases, n, dim] blocks
     pending_frames: int = 0
     outputs: int = 0  # model outputs produced so far (the first ``delay`` belong to the warm-up)
     samples_in: int = 0
     flushed: bool = False
+
+
+@dataclass(frozen=True)
+class PhaseHit:
+    """A keyword heard on one stream after fusing its phases: the best phase's hit."""
+
+    phase: int
+    hit: Hit
+    first_decided: int
+    """10 ms frame (``stride * model frame + phase``) at which the first phase decided."""
+
+
+@dataclass
+class _Held:
+    first: int
+    phase: int
+    hit: Hit
+
+
+class PhasedDecoder:
+    """The keyword decoders of one stream's LFR phases, and the fusion of their hits into one per utterance.
+
+    Hits are taken in the order they were decided (10 ms resolution). The first phase's hit of a keyword is held
+    until every phase has decoded one more model frame; the other phases' hits of it until then are the same
+    utterance, and the best-scoring one is reported. Later hits of the keyword within the refractory period of the
+    reported one are dropped (the same utterance heard late by another phase).
+    """
+
+    def __init__(self, decoders: Sequence[KeywordDecoder], stride: int = 3) -> None:
+        self.decoders = list(decoders)
+        self.stride = stride
+        self.refractory = decoders[0].refractory_frames * stride  # 10 ms frames
+        self._last_end: dict[str, int] = {}  # per keyword, the end (10 ms frames) of its last reported hit
+        self._held: dict[str, _Held] = {}
+
+    def fuse(self, found: Sequence[tuple[int, Hit]], last_frame: int | None) -> list[PhaseHit]:
+        """Add the phases' hits ``(phase, hit)`` of frames up to ``last_frame`` (the last model frame every phase
+        has decoded; None: the stream ended) and return the fused hits now complete."""
+        stride = self.stride
+        out: list[PhaseHit] = []
+        for phase, hit in sorted(found, key=lambda ph: (stride * ph[1].decided_frame + ph[0], ph[0])):
+            wid = hit.keyword.wakeword_id
+            decided = stride * hit.decided_frame + phase
+            held = self._held.get(wid)
+            if held is not None and decided > held.first + stride:
+                out.append(self._release(wid))
+                held = None
+            if held is not None:
+                if hit.score > held.hit.score:
+                    held.phase, held.hit = phase, hit
+                continue
+            last = self._last_end.get(wid)
+            if last is not None and stride * hit.end_frame + phase - last < self.refractory:
+                continue
+            self._held[wid] = _Held(decided, phase, hit)
+        for wid in [w for w, h in self._held.items() if last_frame is None or last_frame > h.first // stride]:
+            out.append(self._release(wid))
+        return out
+
+    def _release(self, wid: str) -> PhaseHit:
+        held = self._held.pop(wid)
+        self._last_end[wid] = self.stride * held.hit.end_frame + held.phase
+        return PhaseHit(held.phase, held.hit, held.first)
+
+    def best_score(self, wakeword_id: str | None = None, shaped: bool = False) -> float:
+        """Best candidate score over every phase (fired, rejected or suppressed); 0 if none."""
+        return max(dec.best_score(wakeword_id, shaped) for dec in self.decoders)
+
+    def rejected_by_keyword(self) -> dict[str, int]:
+        """Rejected candidates per wake word id; the phases judge the same candidates: the most any phase had."""
+        out: dict[str, int] = {}
+        for dec in self.decoders:
+            for wid, n in dec.rejected_by_keyword().items():
+                out[wid] = max(out.get(wid, 0), n)
+        return out
 
 
 def build_keywords(settings: Iterable[KeywordSettings], tokens: Sequence[str], frame_seconds: float
@@ -92,14 +182,19 @@ def build_keywords(settings: Iterable[KeywordSettings], tokens: Sequence[str], f
             ids = tokenize(kw.phrase, tokens)
         except KeywordError as exc:
             raise KeywordError(f"detector.keywords[{i}].phrase: {exc}") from exc
-        out.append(Keyword(
-            phrase=kw.phrase.replace(" ", ""),
-            wakeword_id=kw.wakeword_id,
-            token_ids=ids,
-            threshold=kw.threshold,
-            min_frames=max(1, math.floor(kw.min_duration / frame_seconds)),
-            max_frames=math.ceil(kw.max_duration / frame_seconds),
-        ))
+        try:
+            keyword = Keyword(
+                phrase=kw.phrase.replace(" ", ""),
+                wakeword_id=kw.wakeword_id,
+                token_ids=ids,
+                threshold=kw.threshold,
+                min_frames=max(1, math.floor(round(kw.min_duration / frame_seconds, 9))),
+                max_frames=math.ceil(round(kw.max_duration / frame_seconds, 9)),
+                max_gap_frames=math.ceil(round(kw.max_gap / frame_seconds, 9)) if kw.max_gap else None,
+            )
+        except KeywordError as exc:
+            raise KeywordError(f"detector.keywords[{i}]: {exc}") from exc
+        out.append(keyword)
     return out
 
 
@@ -117,23 +212,30 @@ def new_decoder(keywords: Sequence[Keyword], settings: DetectorSettings, frame_s
 
 class Detector:
     def __init__(self, session: ModelSession, settings: DetectorSettings, *, scan: bool = True,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, phases: int = 3) -> None:
         """``scan``: judge each batch's posteriors in one vectorised pass and run only the decoders of streams
         whose frames carry a keyword token (the detections are identical; false decodes every stream).
         ``threads``: threads extracting features in a step; default: the session's (``model.intra_op_threads``).
+        ``phases``: LFR phases run per stream; 3 makes detection independent of the audio's offset (the default),
+        1 runs only the model's training framing at a third of the model's cost (for measurements).
         """
         self.session = session
         self.settings = settings
         c = session.contract
         self.contract = c
         self.frame_samples = c.features.model_frame_samples
+        self.shift_samples = c.features.frame_shift
         self.sample_rate = c.features.sample_rate
         self.frame_seconds = self.frame_samples / self.sample_rate
+        if not 1 <= phases <= c.features.lfr_stride:
+            raise ValueError(f"phases {phases!r} must be 1..{c.features.lfr_stride}")
+        self.phases = phases
         self.keywords = build_keywords(settings.keywords, c.tokens, self.frame_seconds)
         self.step_frames = max(1, settings.step_frames)
         self._streams: dict[str, _Stream] = {}
         self._cache = session.new_cache(0)
         self._free: list[int] = []
+        self._slots = 0
         self.timing = StepTiming()
         self.scan = scan
         self.threads = session.threads if threads is None else max(1, threads)
@@ -160,16 +262,19 @@ class Detector:
         if name in self._streams:
             raise ValueError(f"stream {name!r} already exists")
         if not self._free:
-            grow = max(16, self._cache.shape[0])
-            self._free = list(range(self._cache.shape[0] + grow - 1, self._cache.shape[0] - 1, -1))
-            self._cache = np.concatenate([self._cache, self.session.new_cache(grow)])
+            grow = max(16, self._slots)
+            self._free = list(range(self._slots + grow - 1, self._slots - 1, -1))
+            self._cache = np.concatenate([self._cache, self.session.new_cache(grow * self.phases)])
+            self._slots += grow
         slot = self._free.pop()
-        self._cache[slot] = 0.0
+        self._cache[slot * self.phases : (slot + 1) * self.phases] = 0.0
+        fc = self.contract.features
         self._streams[name] = _Stream(
             name=name,
             slot=slot,
-            features=FeatureStream(self.contract.features),
-            decoder=self._new_decoder(),
+            fbank=FbankStream(fc),
+            lfr=LfrStacker(fc, tuple(range(self.phases))),
+            phased=PhasedDecoder([self._new_decoder() for _ in range(self.phases)], fc.lfr_stride),
             start_sample=start_sample,
         )
 
@@ -191,11 +296,16 @@ class Detector:
         """Samples the stream must still receive before :meth:`step` can run its next model step (0: it can now)."""
         stream = self._streams[name]
         frames = stream.outputs + self.step_frames
-        return max(0, self.contract.features.samples_for(frames) - stream.samples_in)
+        return max(0, self.contract.features.samples_for(frames, self.phases - 1) - stream.samples_in)
 
     def rejected(self, name: str) -> dict[str, int]:
-        """Rejected keyword candidates on a stream since it started (or was reset), per wake word id."""
-        return self._streams[name].decoder.rejected_by_keyword()
+        """Rejected keyword candidates on a stream since it started (or was reset), per wake word id (the phases
+        judge the same candidates: the most any phase rejected)."""
+        return self._streams[name].phased.rejected_by_keyword()
+
+    def best_score(self, name: str, wakeword_id: str | None = None) -> float:
+        """Best candidate score on a stream since it started, over every phase (diagnostics: ``kwsd eval``)."""
+        return self._streams[name].phased.best_score(wakeword_id)
 
     # -- audio ----------------------------------------------------------------------------------------------
 
@@ -215,11 +325,12 @@ class Detector:
 
     def _extract(self, streams: list[_Stream]) -> None:
         chunks = [s.raw[0] if len(s.raw) == 1 else np.concatenate(s.raw) for s in streams]
-        for stream, frames in zip(streams, extract_batch([s.features for s in streams], chunks), strict=True):
+        for stream, fbank in zip(streams, fbank_batch([s.fbank for s in streams], chunks), strict=True):
             stream.raw = []
-            if frames.shape[0]:
+            frames = stream.lfr.accept(fbank)
+            if frames.shape[1]:
                 stream.pending.append(frames)
-                stream.pending_frames += frames.shape[0]
+                stream.pending_frames += frames.shape[1]
 
     def _extract_all(self) -> None:
         """Features for every stream with audio accepted since the last step: one batched fbank pass per thread
@@ -250,18 +361,19 @@ class Detector:
             t0 = time.perf_counter()
             self._extract([stream])
             self.timing.features += time.perf_counter() - t0
-        tail = stream.features.flush()
-        if tail.shape[0]:
+        tail = stream.lfr.accept(stream.fbank.flush(), final=True)
+        if tail.shape[1]:
             stream.pending.append(tail)
-            stream.pending_frames += tail.shape[0]
-        last = tail[-1:] if tail.shape[0] else (stream.pending[-1][-1:] if stream.pending else None)
+            stream.pending_frames += tail.shape[1]
+        last = tail[:, -1:] if tail.shape[1] else (stream.pending[-1][:, -1:] if stream.pending else None)
         if last is not None:  # the model's look-ahead: repeat the last frame so every real frame is decoded
-            stream.pending.append(np.repeat(last, self.contract.delay_frames, axis=0))
+            stream.pending.append(np.repeat(last, self.contract.delay_frames, axis=1))
             stream.pending_frames += self.contract.delay_frames
         stream.flushed = True
         hits = []
         while stream.pending_frames:
             hits.extend(self._run([stream], stream.pending_frames))
+        hits.extend(self._detections(stream, stream.phased.fuse([], None)))
         return hits
 
     # -- inference ------------------------------------------------------------------------------------------
@@ -278,19 +390,22 @@ class Detector:
             hits.extend(self._run(ready, frames))
 
     def _take(self, stream: _Stream, frames: int) -> np.ndarray:
-        data = stream.pending[0] if len(stream.pending) == 1 else np.concatenate(stream.pending)
-        stream.pending = [data[frames:]] if data.shape[0] > frames else []
+        data = stream.pending[0] if len(stream.pending) == 1 else np.concatenate(stream.pending, axis=1)
+        stream.pending = [data[:, frames:]] if data.shape[1] > frames else []
         stream.pending_frames -= frames
-        return data[:frames]
+        return data[:, :frames]
 
     def _run(self, streams: list[_Stream], frames: int) -> list[Detection]:
         t0 = time.perf_counter()
-        feats = np.stack([self._take(s, frames) for s in streams])
+        n_phases = self.phases
+        feats = np.concatenate([self._take(s, frames) for s in streams])  # [streams * phases, frames, dim]
         slots = np.fromiter((s.slot for s in streams), dtype=np.intp, count=len(streams))
         first, n = int(slots[0]), len(streams)
-        rows: slice | np.ndarray = slots
+        rows: slice | np.ndarray
         if int(slots[-1]) == first + n - 1 and (n < 3 or bool((np.diff(slots) == 1).all())):
-            rows = slice(first, first + n)  # consecutive slots (the usual case): a view in, a block copy out
+            rows = slice(first * n_phases, (first + n) * n_phases)  # consecutive slots: a view in, a block copy out
+        else:
+            rows = (slots[:, None] * n_phases + np.arange(n_phases)).ravel()
         t1 = time.perf_counter()
         probs, cache = self.session.run(feats, self._cache[rows])
         self._cache[rows] = cache
@@ -303,28 +418,19 @@ class Detector:
         for i, s in enumerate(streams):
             first = s.outputs - delay  # model frame index of this block's first output
             s.outputs += frames
-            if self.scan and first >= 0 and not busy_l[i]:
-                s.decoder.skip(first, frames, blank_l[i])  # no keyword token in these frames
-                continue
-            p = probs[i]
-            if first < 0:  # outputs before the stream's first frame: the look-ahead warming up
-                p, first = p[-first:], 0
-                if p.shape[0] == 0:
+            found: list[tuple[int, Hit]] = []
+            for phase, dec in enumerate(s.phased.decoders):
+                row = i * n_phases + phase
+                if self.scan and first >= 0 and not busy_l[row]:
+                    dec.skip(first, frames, blank_l[row])  # no keyword token in these frames
                     continue
-            for hit in s.decoder.step(p, first):
-                hits.append(Detection(
-                    stream=s.name,
-                    keyword=hit.keyword.phrase,
-                    wakeword_id=hit.keyword.wakeword_id,
-                    score=float(hit.score),
-                    threshold=hit.keyword.threshold,
-                    start_sample=s.start_sample + hit.start_frame * self.frame_samples,
-                    end_sample=s.start_sample + hit.end_frame * self.frame_samples
-                    + self.contract.features.frame_length,
-                    decided_sample=s.start_sample + min(s.samples_in, (hit.decided_frame + delay + 1)
-                                                        * self.frame_samples),
-                    sample_rate=self.sample_rate,
-                ))
+                p, start = probs[row], first
+                if start < 0:  # outputs before the stream's first frame: the look-ahead warming up
+                    p, start = p[-start:], 0
+                    if p.shape[0] == 0:
+                        continue
+                found.extend((phase, hit) for hit in dec.step(p, start))
+            hits.extend(self._detections(s, s.phased.fuse(found, first + frames - 1)))
         t3 = time.perf_counter()
         self.timing.features += t1 - t0
         self.timing.model += t2 - t1
@@ -332,6 +438,28 @@ class Detector:
         self.timing.steps += 1
         self.timing.frames += frames * len(streams)
         return hits
+
+    def _detections(self, s: _Stream, fused: list[PhaseHit]) -> list[Detection]:
+        stride = self.contract.features.lfr_stride
+        shift = self.shift_samples
+        out = []
+        for ph in fused:
+            hit, phase = ph.hit, ph.phase
+            # Known once every phase decoded the frame after the first decision, and the model's look-ahead.
+            decided = stride * (ph.first_decided // stride + 1 + self.contract.delay_frames + 1)
+            out.append(Detection(
+                stream=s.name,
+                keyword=hit.keyword.phrase,
+                wakeword_id=hit.keyword.wakeword_id,
+                score=float(hit.score),
+                threshold=hit.keyword.threshold,
+                start_sample=s.start_sample + (stride * hit.start_frame + phase) * shift,
+                end_sample=s.start_sample + (stride * hit.end_frame + phase) * shift
+                + self.contract.features.frame_length,
+                decided_sample=s.start_sample + min(s.samples_in, decided * shift),
+                sample_rate=self.sample_rate,
+            ))
+        return out
 
 
 def detect_samples(detector: Detector, name: str, samples: np.ndarray, block: int | None = None

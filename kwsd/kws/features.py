@@ -1,11 +1,18 @@
-"""Streaming Kaldi features, exactly as the model was trained.
+"""Streaming Kaldi features, exactly as the model was trained, at every low-frame-rate phase.
 
-Kaldi fbank (80 mel bins, 25 ms window, 10 ms shift, hamming, int16-scale samples, no dither; computed for many
-streams at once by :mod:`kwsd.kws.fbank`, equal to kaldi-native-fbank), then low frame rate stacking: each model
-frame splices fbank frames ``3k-2 .. 3k+2`` (the first frame is repeated on the left at the start; the last one on
-the right when the stream ends) and only every 3rd frame is kept, so one model frame covers 30 ms. Every leftover
-(samples, fbank frames, the decimation phase) is carried between calls, so any chunking of the audio yields the
-same frames.
+Two steps, so either can be replaced on its own:
+
+1. The 10 ms step: Kaldi fbank (80 mel bins, 25 ms window, 10 ms shift, hamming, int16-scale samples, no dither;
+   equal to kaldi-native-fbank), one frame per 10 ms (:class:`FbankStream`), computed for many streams in one
+   vectorised pass (:func:`fbank_batch`, :mod:`kwsd.kws.fbank`).
+2. Splice + LFR per phase (:class:`LfrStacker`): model frame ``k`` of phase ``p`` splices fbank frames
+   ``3k+p-2 .. 3k+p+2`` (the first fbank frame is repeated on the left at the start; the last one on the right
+   when the stream ends), so one model frame covers 30 ms. The model was trained on phase 0 of every utterance;
+   a live microphone's audio may start anywhere, so the detector runs all three phases and an utterance is always
+   heard at the framing that suits it best.
+
+Every leftover (samples, fbank frames, the decimation phase) is carried between calls, so any chunking of the audio
+yields the same frames.
 """
 
 from __future__ import annotations
@@ -51,15 +58,16 @@ class FeatureConfig:
     def dim(self) -> int:
         return self.num_mel_bins * (self.lfr_left + 1 + self.lfr_right)
 
-    def samples_for(self, frames: int) -> int:
-        """Samples a stream must have received before it has produced ``frames`` model frames (unflushed).
+    def samples_for(self, frames: int, phase: int = 0) -> int:
+        """Samples a stream must have received before phase ``phase`` has produced ``frames`` model frames
+        (unflushed).
 
-        Model frame k needs fbank frame ``stride * k + right``; fbank frame f needs samples up to
+        Model frame k of phase p needs fbank frame ``stride * k + p + right``; fbank frame f needs samples up to
         ``frame_length + f * frame_shift`` (Kaldi's snip_edges framing).
         """
         if frames <= 0:
             return 0
-        last_fbank = self.lfr_stride * (frames - 1) + self.lfr_right
+        last_fbank = self.lfr_stride * (frames - 1) + phase + self.lfr_right
         return self.frame_length + last_fbank * self.frame_shift
 
     def fbank_options(self) -> Any:
@@ -78,8 +86,8 @@ class FeatureConfig:
         return opts
 
 
-class FeatureStream:
-    """Per-stream feature state: 16 kHz int16-scale audio in, spliced model frames ``[n, dim]`` out."""
+class FbankStream:
+    """The 10 ms step of one stream: 16 kHz int16-scale audio in, fbank frames ``[n, num_mel_bins]`` out."""
 
     def __init__(self, config: FeatureConfig | None = None) -> None:
         self.config = config or FeatureConfig()
@@ -87,88 +95,15 @@ class FeatureStream:
         self.reset()
 
     def reset(self) -> None:
-        self.fbank_state = FbankState()  # the 10 ms step's carried samples (see extract_batch)
-        self._fbank_read = 0  # fbank frames received
-        # Fbank frames kept for splicing: rows [0, _context_len) of _context, the first one is fbank frame
-        # _context_start. A preallocated buffer, so a block of audio costs no concatenation.
-        self._context = np.empty((64, self.config.num_mel_bins), dtype=np.float32)
-        self._context_len = 0
-        self._context_start = 0
-        self.frames_out = 0  # model frames produced so far; the next one is centred on fbank frame 3 * frames_out
-        self.finished = False
+        self.state = FbankState()  # the samples the next frame still needs
 
     def accept(self, samples: np.ndarray) -> np.ndarray:
-        """Feed 16 kHz samples (int16, or float on the int16 scale); return the model frames now complete."""
-        if self.finished:
-            raise RuntimeError("stream already flushed; reset() it first")
-        return self.accept_fbank(self._batch.compute([self.fbank_state], [samples])[0])
-
-    def accept_fbank(self, fbank: np.ndarray) -> np.ndarray:
-        """Add this stream's next fbank frames ``[n, num_mel_bins]`` (from :func:`extract_batch`); return the
-        model frames now complete."""
-        if self.finished:
-            raise RuntimeError("stream already flushed; reset() it first")
-        self._append_fbank(fbank)
-        return self._emit(final=False)
+        """Feed 16 kHz samples (int16, or float on the int16 scale); return the fbank frames now complete."""
+        return self._batch.compute([self.state], [samples])[0]
 
     def flush(self) -> np.ndarray:
-        """End of the stream: emit the remaining model frames, repeating the last fbank frame as right context.
-
-        Kaldi's snip_edges framing has no frame past the last full window, so no fbank frame is added here.
-        """
-        out = self._emit(final=True)
-        self.finished = True
-        return out
-
-    def _append_fbank(self, fbank: np.ndarray) -> None:
-        new = fbank.shape[0]
-        if new <= 0:
-            return
-        end = self._context_len + new
-        if end > self._context.shape[0]:
-            grown = np.empty((max(2 * self._context.shape[0], end), self._context.shape[1]), dtype=np.float32)
-            grown[: self._context_len] = self._context[: self._context_len]
-            self._context = grown
-        self._context[self._context_len : end] = fbank
-        self._fbank_read += new
-        self._context_len = end
-
-    def _emit(self, final: bool) -> np.ndarray:
-        cfg = self.config
-        total = self._fbank_read  # fbank frames seen so far
-        # Model frame k needs fbank frames up to 3k + right; at the end, every k with 3k < total is emitted.
-        if final:
-            last = (total - 1) // cfg.lfr_stride
-        else:
-            last = (total - 1 - cfg.lfr_right) // cfg.lfr_stride
-        count = last - self.frames_out + 1
-        if total == 0 or count <= 0:
-            return np.empty((0, cfg.dim), dtype=np.float32)
-        first_row = self.frames_out * cfg.lfr_stride - cfg.lfr_left
-        ctx = self._context
-        if first_row >= 0 and last * cfg.lfr_stride + cfg.lfr_right < total:
-            # Every spliced window lies inside the context: consecutive rows are contiguous, so model frame j is
-            # the flat run starting at row first_row + 3j.
-            row_bytes = ctx.strides[0]
-            out = np.ndarray((count, cfg.dim), dtype=np.float32, buffer=ctx,
-                             offset=(first_row - self._context_start) * row_bytes,
-                             strides=(cfg.lfr_stride * row_bytes, ctx.strides[1])).copy()
-        else:  # the first frames (left edge repeated) and the flush (right edge repeated)
-            centers = (self.frames_out + np.arange(count)) * cfg.lfr_stride
-            offsets = np.arange(-cfg.lfr_left, cfg.lfr_right + 1)
-            idx = np.clip(centers[:, None] + offsets[None, :], 0, total - 1) - self._context_start
-            out = ctx[idx].reshape(count, cfg.dim)
-        self.frames_out += count
-        # Keep only what the next model frame can still need as left context.
-        keep_from = max(self.frames_out * cfg.lfr_stride - cfg.lfr_left, 0)
-        drop = keep_from - self._context_start
-        if drop > 0:
-            left = self._context_len - drop
-            if left > 0:
-                ctx[:left] = ctx[drop : self._context_len]
-            self._context_len = max(left, 0)
-            self._context_start = keep_from
-        return out
+        """End of the stream: the last fbank frames (snip_edges framing: none past the last full window)."""
+        return np.empty((0, self.config.num_mel_bins), dtype=np.float32)
 
 
 @cache
@@ -177,18 +112,152 @@ def batch_fbank(config: FeatureConfig) -> BatchFbank:
     return BatchFbank.from_config(config)
 
 
-def extract_batch(streams: Sequence[FeatureStream], chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """:meth:`FeatureStream.accept` for many streams at once: one batched fbank pass for all of them (streams
-    with the same config), then each stream's splicing. The same frames as accepting each chunk alone."""
+def fbank_batch(streams: Sequence[FbankStream], chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """:meth:`FbankStream.accept` for many streams (of one config) at once, in one vectorised pass; the same
+    frames as accepting each chunk alone."""
     if not streams:
         return []
-    states = [s.fbank_state for s in streams]
-    fbanks = streams[0]._batch.compute(states, chunks)
-    return [s.accept_fbank(f) for s, f in zip(streams, fbanks, strict=True)]
+    return streams[0]._batch.compute([s.state for s in streams], chunks)
 
 
-def offline_features(samples: np.ndarray, config: FeatureConfig | None = None) -> np.ndarray:
-    """All model frames of a whole recording (the same as streaming it, then flushing)."""
-    stream = FeatureStream(config)
+class LfrStacker:
+    """Splice + LFR of one stream's fbank frames, for one or more phases at once.
+
+    :meth:`accept` returns ``[phases, m, dim]``: the same model frame indices for every phase (frame ``k`` of a
+    phase is emitted once every phase has it), so the phases run side by side as rows of one model batch.
+    """
+
+    def __init__(self, config: FeatureConfig | None = None, phases: Sequence[int] = (0,)) -> None:
+        self.config = config or FeatureConfig()
+        if not phases or any(not 0 <= p < self.config.lfr_stride for p in phases):
+            raise ValueError(f"phases {tuple(phases)!r} must be distinct values in 0..{self.config.lfr_stride - 1}")
+        self.phases = tuple(phases)
+        self._phase_arr = np.array(self.phases, dtype=np.intp)
+        self.reset()
+
+    def reset(self) -> None:
+        # Fbank frames kept for splicing: rows [0, _context_len) of _context, the first one is fbank frame
+        # _context_start. A preallocated buffer, so a block of audio costs no concatenation.
+        self._context = np.empty((64, self.config.num_mel_bins), dtype=np.float32)
+        self._context_len = 0
+        self._context_start = 0
+        self.fbank_in = 0  # fbank frames seen so far
+        self.frames_out = 0  # model frames produced so far, per phase
+        self.finished = False
+
+    def accept(self, fbank: np.ndarray, final: bool = False) -> np.ndarray:
+        """Add fbank frames ``[n, num_mel_bins]``; return the model frames now complete, ``[phases, m, dim]``.
+
+        ``final``: the stream ends here; the right context of the last frames repeats the last fbank frame.
+        """
+        if self.finished:
+            raise RuntimeError("stream already flushed; reset() it first")
+        self._append(fbank)
+        out = self._emit(final)
+        self.finished = final
+        return out
+
+    def _append(self, fbank: np.ndarray) -> None:
+        new = fbank.shape[0]
+        if not new:
+            return
+        end = self._context_len + new
+        if end > self._context.shape[0]:
+            grown = np.empty((max(2 * self._context.shape[0], end), self._context.shape[1]), dtype=np.float32)
+            grown[: self._context_len] = self._context[: self._context_len]
+            self._context = grown
+        self._context[self._context_len : end] = fbank
+        self._context_len = end
+        self.fbank_in += new
+
+    def _emit(self, final: bool) -> np.ndarray:
+        cfg = self.config
+        stride, left, right = cfg.lfr_stride, cfg.lfr_left, cfg.lfr_right
+        total = self.fbank_in
+        lo, hi = min(self.phases), max(self.phases)
+        # Frame k of phase p is centred on fbank frame 3k + p and needs frames up to 3k + p + right. At the end,
+        # every k whose centre exists for some phase is emitted (missing frames repeat the last one).
+        last = (total - 1 - lo) // stride if final else (total - 1 - right - hi) // stride
+        count = last - self.frames_out + 1
+        n_phases = len(self.phases)
+        if total == 0 or count <= 0:
+            return np.empty((n_phases, 0, cfg.dim), dtype=np.float32)
+        ctx = self._context
+        first_centre = self.frames_out * stride
+        if first_centre + lo - left >= 0 and last * stride + hi + right < total:
+            # Every spliced window lies inside the context: for a phase, consecutive rows are contiguous, so its
+            # model frame j is the flat run starting at row (centre of frame j) - left.
+            out = np.empty((n_phases, count, cfg.dim), dtype=np.float32)
+            row_bytes = ctx.strides[0]
+            for i, p in enumerate(self.phases):
+                first_row = first_centre + p - left - self._context_start
+                out[i] = np.ndarray((count, cfg.dim), dtype=np.float32, buffer=ctx, offset=first_row * row_bytes,
+                                    strides=(stride * row_bytes, ctx.strides[1]))
+        else:  # the first frames (left edge repeated) and the flush (right edge repeated)
+            centres = (self.frames_out + np.arange(count))[None, :] * stride + self._phase_arr[:, None]
+            offsets = np.arange(-left, right + 1)
+            idx = np.clip(centres[:, :, None] + offsets, 0, total - 1) - self._context_start
+            out = ctx[idx].reshape(n_phases, count, cfg.dim)
+        self.frames_out += count
+        # Keep only what the next model frame of any phase can still need as left context.
+        keep_from = max(self.frames_out * stride + lo - left, 0)
+        drop = min(keep_from - self._context_start, self._context_len)
+        if drop > 0:
+            left_rows = self._context_len - drop
+            if left_rows > 0:
+                ctx[:left_rows] = ctx[drop : self._context_len]
+            self._context_len = left_rows
+            self._context_start += drop
+        return out
+
+
+class FeatureStream:
+    """Per-stream features: audio in, spliced model frames out, for the given LFR phases.
+
+    With the default single phase 0 (the model's training framing), :meth:`accept` returns ``[n, dim]``; use
+    :meth:`accept_phases` for ``[phases, n, dim]``.
+    """
+
+    def __init__(self, config: FeatureConfig | None = None, phases: Sequence[int] = (0,)) -> None:
+        self.config = config or FeatureConfig()
+        self.fbank = FbankStream(self.config)
+        self.lfr = LfrStacker(self.config, phases)
+
+    @property
+    def frames_out(self) -> int:
+        return self.lfr.frames_out
+
+    @property
+    def finished(self) -> bool:
+        return self.lfr.finished
+
+    def reset(self) -> None:
+        self.fbank.reset()
+        self.lfr.reset()
+
+    def accept_phases(self, samples: np.ndarray) -> np.ndarray:
+        """Feed 16 kHz samples (int16, or float on the int16 scale); return ``[phases, n, dim]`` now complete."""
+        if self.lfr.finished:
+            raise RuntimeError("stream already flushed; reset() it first")
+        return self.lfr.accept(self.fbank.accept(samples))
+
+    def flush_phases(self) -> np.ndarray:
+        """End of the stream: the remaining model frames of every phase, ``[phases, n, dim]``."""
+        if self.lfr.finished:
+            raise RuntimeError("stream already flushed; reset() it first")
+        return self.lfr.accept(self.fbank.flush(), final=True)
+
+    def accept(self, samples: np.ndarray) -> np.ndarray:
+        """Like :meth:`accept_phases`, for the first phase only: ``[n, dim]``."""
+        return self.accept_phases(samples)[0]
+
+    def flush(self) -> np.ndarray:
+        """Like :meth:`flush_phases`, for the first phase only."""
+        return self.flush_phases()[0]
+
+
+def offline_features(samples: np.ndarray, config: FeatureConfig | None = None, phase: int = 0) -> np.ndarray:
+    """All model frames of a whole recording at one LFR phase (the same as streaming it, then flushing)."""
+    stream = FeatureStream(config, (phase,))
     head = stream.accept(samples)
     return np.concatenate([head, stream.flush()])

@@ -88,11 +88,61 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
 
 _TOPIC_PART = re.compile(r"^[^/+#\x00]{1,128}$")
 
+MAX_TOPIC_BYTES = 65535
+"""MQTT's limit on the UTF-8 length of a topic name."""
+MAX_SITE_ID = 64
+"""Longest siteId accepted from the network (satellites, toggles): it becomes a topic level and an entity."""
+
 
 def check_topic_part(value: str, what: str) -> str:
     """A siteId / wakewordId / sessionId must fit one topic level (no ``/``, ``+``, ``#``)."""
-    if not _TOPIC_PART.match(value):
+    if not _TOPIC_PART.match(value) or _bad_topic_char(value) is not None:
         raise MessageError(f"{what}: {value!r} cannot be used as a topic level")
+    return value
+
+
+def _bad_topic_char(topic: str) -> str | None:
+    """The first character a broker refuses in a topic name, as a description, or None.
+
+    mosquitto closes the connection on a PUBLISH whose topic holds a wildcard, a C0/C1 control character
+    (NUL included), a UTF-16 surrogate or a Unicode noncharacter (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF).
+    """
+    for ch in topic:
+        c = ord(ch)
+        if ch in "+#":
+            return f"wildcard {ch!r}"
+        if c <= 0x1F or 0x7F <= c <= 0x9F:
+            return f"control character U+{c:04X}"
+        if 0xD800 <= c <= 0xDFFF:
+            return f"surrogate U+{c:04X}"
+        if 0xFDD0 <= c <= 0xFDEF or (c & 0xFFFF) in (0xFFFE, 0xFFFF):
+            return f"noncharacter U+{c:04X}"
+    return None
+
+
+def check_publish_topic(topic: str) -> str:
+    """A topic the broker accepts in PUBLISH, or ``MessageError`` saying what is wrong with it."""
+    if not topic:
+        raise MessageError("topic is empty")
+    bad = _bad_topic_char(topic)
+    if bad is not None:
+        raise MessageError(f"topic {topic[:200]!r} holds a {bad}")
+    if len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:
+        raise MessageError(f"topic {topic[:60]!r}... is longer than {MAX_TOPIC_BYTES} bytes")
+    return topic
+
+
+def check_site_id(value: str, what: str = "siteId") -> str:
+    """A siteId from the network: 1..``MAX_SITE_ID`` printable characters that fit one topic level."""
+    if not value:
+        raise MessageError(f"{what} is empty")
+    if len(value) > MAX_SITE_ID:
+        raise MessageError(f"{what} {value[:40]!r}... is longer than {MAX_SITE_ID} characters")
+    if "/" in value or not value.isprintable() or value != value.strip():
+        raise MessageError(f"{what} {value!r} cannot be used as a topic level")
+    bad = _bad_topic_char(value)
+    if bad is not None:
+        raise MessageError(f"{what} {value!r} holds a {bad}")
     return value
 
 
@@ -419,37 +469,62 @@ class AudioFrame:
         return frame
 
     def pcm(self) -> tuple[np.ndarray, int, int]:
-        """(interleaved int16 samples, rate, channels), or ``MessageError``."""
+        """(interleaved int16 samples, rate, channels), or ``MessageError``.
+
+        The RIFF chunks are walked with bounds checks here (the standard library's reader raises assorted
+        errors, RuntimeError among them, on hostile headers); ``fmt`` must say 16-bit PCM.
+        """
         w = self.WHAT
-        if len(self.wav) < 44 or self.wav[:4] != b"RIFF" or self.wav[8:12] != b"WAVE":
+        b = self.wav
+        if len(b) < 44 or b[:4] != b"RIFF" or b[8:12] != b"WAVE":
             raise MessageError(f"{w}: payload is not a RIFF/WAVE file")
-        try:
-            with wave.open(io.BytesIO(self.wav), "rb") as wf:
-                rate, channels, width, n = (
-                    wf.getframerate(),
-                    wf.getnchannels(),
-                    wf.getsampwidth(),
-                    wf.getnframes(),
-                )
-                if width != 2:
+        fmt: tuple[int, int, int, int] | None = None
+        data: bytes | None = None
+        pos = 12
+        while pos + 8 <= len(b):
+            chunk, size = b[pos : pos + 4], int.from_bytes(b[pos + 4 : pos + 8], "little")
+            body = pos + 8
+            if chunk == b"fmt ":
+                if size < 16 or body + 16 > len(b):
+                    raise MessageError(f"{w}: fmt chunk of {size} bytes is too short")
+                tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", b, body)
+                fmt = (tag, channels, rate, bits)
+            elif chunk == b"data":
+                if fmt is None:
+                    raise MessageError(f"{w}: data chunk before the fmt chunk")
+                frame = 2 * max(1, fmt[1])
+                if size in (0, 0xFFFFFFFF):  # a streaming writer that did not know the length
+                    size = len(b) - body
+                if body + size > len(b):
                     raise MessageError(
-                        f"{w}: sample width {8 * width} bits is not supported (16-bit PCM only)"
+                        f"{w}: header claims {size // frame} frames, more than the payload holds"
                     )
-                if not 1 <= channels <= 8:
-                    raise MessageError(f"{w}: {channels} channels is not supported (1..8)")
-                if not self.MIN_RATE <= rate <= self.MAX_RATE:
-                    raise MessageError(
-                        f"{w}: sample rate {rate} Hz is outside {self.MIN_RATE}..{self.MAX_RATE}"
-                    )
-                if n * channels * 2 > len(self.wav):
-                    raise MessageError(f"{w}: header claims {n} frames, more than the payload holds")
-                raw = wf.readframes(n)
-        except MessageError:
-            raise
-        except (wave.Error, EOFError, ValueError, OverflowError, struct.error) as exc:
-            raise MessageError(f"{w}: unreadable WAV ({exc})") from exc
-        usable = len(raw) - len(raw) % (2 * channels)
-        return np.frombuffer(raw[:usable], dtype="<i2"), rate, channels
+                data = b[body : body + size]
+                break
+            pos = body + size + (size & 1)
+        if fmt is None:
+            raise MessageError(f"{w}: no fmt chunk")
+        tag, channels, rate, bits = fmt
+        if tag not in (1, 0xFFFE):
+            raise MessageError(f"{w}: format tag {tag} is not PCM")
+        if bits != 16:
+            raise MessageError(f"{w}: sample width {bits} bits is not supported (16-bit PCM only)")
+        if not 1 <= channels <= 8:
+            raise MessageError(f"{w}: {channels} channels is not supported (1..8)")
+        if not self.MIN_RATE <= rate <= self.MAX_RATE:
+            raise MessageError(f"{w}: sample rate {rate} Hz is outside {self.MIN_RATE}..{self.MAX_RATE}")
+        if data is None:
+            raise MessageError(f"{w}: no data chunk")
+        usable = len(data) - len(data) % (2 * channels)
+        return np.frombuffer(data[:usable], dtype="<i2"), rate, channels
+
+    def mono(self) -> tuple[np.ndarray, int]:
+        """(mono int16 samples, rate): channels averaged, the sample rate left as sent."""
+        data, rate, channels = self.pcm()
+        if channels == 1:
+            return data.astype(np.int16, copy=False), rate
+        mixed = data.reshape(-1, channels).astype(np.int32).sum(axis=1) // channels
+        return mixed.astype(np.int16), rate
 
     def samples(self) -> np.ndarray:
         """The audio as 16 kHz mono int16 (channels averaged, resampled with a polyphase filter)."""
