@@ -26,7 +26,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
+    for command in subcommands(parser):
+        if {"-v", "--verbose"} & set(command._option_string_actions):
+            continue  # the command has an option of that name itself
+        # ``kwsd run -v`` as well as ``kwsd -v run``; SUPPRESS keeps a -v given before the command.
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log at DEBUG level")
     return parser
+
+
+def subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every (nested) subcommand parser below ``parser``, in registration order."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *subcommands(child)]
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,10 @@ FAILED = "failed"
 STOPPED = "stopped"
 
 
+class Finished(Exception):
+    """Raised by a body whose work is done for good (a replayed file ended): the part stops, no restart."""
+
+
 class Backoff:
     """Doubling delays from ``first`` to ``longest`` seconds; ``reset()`` after a success."""
 
@@ -211,7 +215,8 @@ def run_supervised(
     give_up_after: int = 5,
     logger: logging.Logger | None = None,
 ) -> None:
-    """Run ``body`` until ``stop`` is set, restarting it with backoff whenever it raises or returns early.
+    """Run ``body`` until ``stop`` is set, restarting it with backoff whenever it raises or returns early
+    (a body that raises ``Finished`` is done for good).
 
     After ``give_up_after`` consecutive failures the part keeps retrying but promises no beat, so
     ``Liveness.overdue()`` names it and the watchdog lets systemd restart the whole service. A body that ran
@@ -225,6 +230,8 @@ def run_supervised(
         started = time.monotonic()
         try:
             body(part)
+        except Finished:
+            break
         except Exception as exc:  # the supervisor's whole point
             message = describe(exc)
             error: BaseException | None = exc

@@ -1,11 +1,13 @@
-"""Logging set-up: syslog priority prefixes for journald under systemd, timestamps on a terminal."""
+"""Logging set-up: syslog priority prefixes for journald under systemd, timestamps on a terminal, repeats held back."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from typing import TextIO
 
 # Third-party loggers that are chatty at INFO/DEBUG; their warnings still come through.
@@ -43,6 +45,45 @@ class JournalFormatter(logging.Formatter):
 
 
 TERMINAL_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+REPEAT_WINDOW = 600.0
+"""Seconds for which a warning identical to its logger's previous line is held back."""
+
+
+class RepeatFilter(logging.Filter):
+    """Holds back a warning or error that repeats, word for word, the line its logger logged last.
+
+    The first one is logged; identical ones within ``window`` seconds are counted, not logged; the first one
+    after that says how many were held back. Any other line of INFO or above from the same logger (a device
+    that came back, a different error) ends the run, so a new problem is always logged at once.
+    """
+
+    def __init__(self, window: float = REPEAT_WINDOW, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.window = window
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[str, float, int]] = {}  # logger -> (line, when logged, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO:
+            return True
+        line = f"{record.levelno} {record.getMessage()}"
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(record.name)
+            if record.levelno < logging.WARNING or last is None or last[0] != line:
+                self._last[record.name] = (line, now, 0)
+                return True
+            _, since, held = last
+            if now - since < self.window:
+                self._last[record.name] = (line, since, held + 1)
+                return False
+            self._last[record.name] = (line, now, 0)
+        if held:
+            record.msg = f"{record.getMessage()} (and {held} times more in the last {now - since:.0f} s)"
+            record.args = None
+        return True
 
 
 def journal_stream(env: Mapping[str, str] | None = None, stream: TextIO | None = None) -> bool:
@@ -92,6 +133,7 @@ def setup_logging(
     journal = journal_stream(env, stream) if force_journal is None else force_journal
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JournalFormatter() if journal else logging.Formatter(TERMINAL_FORMAT))
+    handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -4,15 +4,30 @@ the same figures as a small dict for the retained MQTT status message."""
 from __future__ import annotations
 
 import logging
+import platform
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
+
+from kwsd import __version__
 
 log = logging.getLogger(__name__)
 
 # One inference step: ~1 ms for one stream on a fast CPU, up to ~200 ms for many streams on a small host.
 STEP_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.5)
+# From the keyword's end to the wake event: the model's ~240 ms look-ahead plus one step and the capture block.
+LATENCY_BUCKETS = (0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 
 class Metrics:
@@ -82,6 +97,44 @@ class Metrics:
         self.streams = Gauge("streams", "Audio streams being decoded", namespace=namespace, registry=reg)
         self.provider = Gauge("execution_provider", "The onnxruntime execution provider running the model (1)",
                               ["provider"], namespace=namespace, registry=reg)
+        self.input_up = Gauge(
+            "input_up",
+            "1 while the input delivers audio, 0 while its device is missing or failing",
+            ["input"],
+            namespace=namespace,
+            registry=reg,
+        )
+        self.broker_connected = Gauge(
+            "broker_connected",
+            "1 while connected to the MQTT broker",
+            namespace=namespace,
+            registry=reg,
+        )
+        self.wake_latency = Histogram(
+            "wake_latency_seconds",
+            "From the end of the keyword in the audio to its wake event",
+            buckets=LATENCY_BUCKETS,
+            namespace=namespace,
+            registry=reg,
+        )
+        self.published = Counter(
+            "published_messages",
+            "MQTT messages the broker acknowledged",
+            namespace=namespace,
+            registry=reg,
+        )
+        self.dropped = Counter(
+            "dropped_messages",
+            "MQTT messages dropped (outbox bound, refused by the broker)",
+            namespace=namespace,
+            registry=reg,
+        )
+        self.build_info = Info("build", "Version of kwsd and of the Python running it", namespace=namespace,
+                               registry=reg)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... and python_info, as every exporter has.
+        reg.register(PROCESS_COLLECTOR)
+        reg.register(PLATFORM_COLLECTOR)
         self._lock = threading.Lock()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -95,13 +148,16 @@ class Metrics:
         self.rejected.labels(site=site, keyword=keyword).inc(count)
 
     def overrun(self, input_name: str, blocks: int = 1) -> None:
-        self.overruns.labels(input=input_name).inc(blocks)
+        if blocks > 0:
+            self.overruns.labels(input=input_name).inc(blocks)
 
-    def reopen(self, input_name: str) -> None:
-        self.reopens.labels(input=input_name).inc()
+    def reopen(self, input_name: str, count: int = 1) -> None:
+        if count > 0:
+            self.reopens.labels(input=input_name).inc(count)
 
-    def broker_reconnect(self) -> None:
-        self.broker_reconnects.inc()
+    def broker_reconnect(self, count: int = 1) -> None:
+        if count > 0:
+            self.broker_reconnects.inc(count)
 
     def set_outbox_depth(self, depth: int) -> None:
         self.outbox_depth.set(depth)
@@ -119,6 +175,31 @@ class Metrics:
         """The provider in use (``ModelSession.provider``); the previous one's series is removed."""
         self.provider.clear()
         self.provider.labels(provider=provider).set(1)
+
+    def observe_wake_latency(self, seconds: float) -> None:
+        self.wake_latency.observe(max(0.0, seconds))
+
+    def set_input_up(self, input_name: str, up: bool) -> None:
+        self.input_up.labels(input=input_name).set(1 if up else 0)
+
+    def forget_input(self, input_name: str) -> None:
+        """An input removed by a reload: its gauge goes (its counters stay, they are totals)."""
+        try:
+            self.input_up.remove(input_name)
+        except KeyError:
+            pass
+
+    def read_broker_connected(self, read: Callable[[], bool]) -> None:
+        """Take ``kwsd_broker_connected`` from ``read()`` at each scrape (the publisher's ``connected``)."""
+        self.broker_connected.set_function(lambda: 1.0 if read() else 0.0)
+
+    def add_published(self, count: int) -> None:
+        if count > 0:
+            self.published.inc(count)
+
+    def add_dropped(self, count: int) -> None:
+        if count > 0:
+            self.dropped.inc(count)
 
     # --- reading -------------------------------------------------------------------------------------------
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import webrtcvad
 
-from kwsd.mqtt.messages import EndReason, to_wav
+from kwsd.audio.wavfile import to_wav
 from kwsd.settings import SegmentSettings
 
 log = logging.getLogger(__name__)
+
+EndReason = Literal["silence", "max_length", "interrupted", "stopped"]
+"""Why a segment ended: the speaker stopped, ``max_length``, a new wake on the site, the stream or daemon stopped."""
 
 VAD_FRAME_MS = 30
 
@@ -113,8 +117,7 @@ class _Recording:
 
 
 class SegmentRecorder:
-    """Cuts follow-up segments for any number of sites; call from one thread (the detector's or the
-    supervisor's).
+    """Cuts follow-up segments for any number of sites; call from one thread (the pipeline's).
 
     Keeps ``pre_roll + lookback`` seconds of history per site, so ``start()`` may come after the keyword ended
     (the detector's delay) as long as the keyword start is still in that window.

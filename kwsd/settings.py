@@ -244,10 +244,22 @@ class SatelliteSettings:
     """siteIds accepted; empty accepts every site."""
     max_frame_bytes: int = 262144
     """Largest accepted audioFrame payload, bytes; larger ones are rejected (hermes/error/hotword)."""
+    max_sites: int = 16
+    """Remote sites listened to at once; audio from further siteIds is refused until one is dropped."""
+    idle_timeout: float = 30.0
+    """Seconds without audio after which a remote site is dropped (its discovery withdrawn)."""
+    buffer_seconds: float = 2.0
+    """Audio held per remote site (32 kB per second); also the largest burst accepted at once."""
 
     def validate(self, key: str) -> None:
         if self.max_frame_bytes < 64:
             raise ConfigError(f"{key}.max_frame_bytes", f"must be at least 64, got {self.max_frame_bytes}")
+        if not 1 <= self.max_sites <= 1024:
+            raise ConfigError(f"{key}.max_sites", f"must be 1..1024, got {self.max_sites}")
+        if not 1.0 <= self.idle_timeout <= 86400:
+            raise ConfigError(f"{key}.idle_timeout", f"must be 1..86400 seconds, got {self.idle_timeout}")
+        if not 0.5 <= self.buffer_seconds <= 60:
+            raise ConfigError(f"{key}.buffer_seconds", f"must be 0.5..60 seconds, got {self.buffer_seconds}")
 
 
 @dataclass(frozen=True)

@@ -1,468 +1,403 @@
-"""The daemon: wires capture, detection, follow-up segments and MQTT, and speaks to systemd.
+"""The daemon: builds the parts from the config, reloads them as a transaction, handles signals, talks to systemd.
 
-Threads: each capture input has its own (``AudioHub``), the publisher has its network thread, and one pipeline
-thread reads every site's new audio, feeds the segment recorder and the detector, runs one batched detector step
-and publishes what it finds. The main thread handles signals (TERM/INT stop, HUP reload), sd_notify (READY after
-warm-up and first audio, WATCHDOG only while capture and pipeline both progress, STATUS) and metrics.
+Parts and their threads: each capture input and the PulseAudio watcher (``AudioHub``), the pipeline
+(``kwsd.pipeline``) and the MQTT publisher, each on a supervised loop (``kwsd.lifecycle``) that beats into one
+``Liveness`` registry. The main thread handles signals (TERM/INT stop, HUP reload), sd_notify (READY after the
+model's warm-up, STATUS, WATCHDOG only while no part is overdue), input health (journal, metrics, site
+availability) and reloads: new parts are built and validated here, swapped into the pipeline between two passes,
+and the old ones closed after. The daemon owns what must outlive a reload: the metrics, the Hermes toggle state
+(in the pipeline), the outbox and the remote sites.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import logging
-import math
 import signal
 import threading
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
 import numpy as np
 
 from kwsd import settings as settings_mod
-from kwsd.audio.hub import AudioHub
-from kwsd.audio.resample import StreamResampler
-from kwsd.kws.decoder import KeywordError
-from kwsd.kws.detector import Detection, Detector
+from kwsd.audio.hub import AudioHub, RemoteLimits, RemoteRefused, check_sites
+from kwsd.kws.detector import Detector
 from kwsd.kws.session import ModelError, ModelSession
+from kwsd.lifecycle import Backoff, Liveness, describe, supervise
 from kwsd.metrics import Metrics
-from kwsd.mqtt.messages import WakeEvent
+from kwsd.mqtt.outbox import Outbox
 from kwsd.mqtt.publisher import Publisher
-from kwsd.segments import Segment, SegmentRecorder
-from kwsd.settings import ConfigError, Settings
+from kwsd.pipeline import BEAT_WITHIN, SAMPLE_RATE, Parts, Pipeline, Sink
+from kwsd.segments import SegmentRecorder
+from kwsd.settings import DetectorSettings, ModelSettings, MqttSettings, SegmentSettings, Settings
 from kwsd.systemd import Notifier, Watchdog
 from kwsd.toggles import ToggleState
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
-SATELLITE_QUEUE_BLOCKS = 2000  # per site; a satellite that floods faster than real time loses its oldest blocks
-# Most audio per site fed before a detector step. A backlog (fast file replay, a burst of satellite frames) is cut
-# into rounds of this size, so a wake is found while its keyword is still in the segment recorder's look-back.
-ROUND_SAMPLES = SAMPLE_RATE // 2
+START_TIMEOUT_EXTENSION = 60.0
+"""Seconds of start-up (or reload) time asked for before loading and warming up a model."""
+TICK = 0.2
+"""Seconds between turns of the main loop (signals, watchdog, input health)."""
 
 
 class StartupError(RuntimeError):
     """The daemon cannot start with this configuration; the message names what is wrong."""
 
 
-def energy_dbfs(samples: np.ndarray) -> float:
-    """RMS level of int16-scale audio in dB relative to full scale (-120 for silence)."""
-    if samples.size == 0:
-        return -120.0
-    rms = float(np.sqrt(np.mean(np.square(samples.astype(np.float64)))))
-    return max(-120.0, 20.0 * math.log10(rms / 32768.0)) if rms > 0 else -120.0
+def open_session(s: ModelSettings) -> ModelSession:
+    """Load the model and warm it up (the first steps are slow); ``StartupError`` naming ``model.path``."""
+    try:
+        session = ModelSession(s.path, s.providers, s.intra_op_threads, s.max_batch)
+    except ModelError as exc:
+        raise StartupError(f"model.path: {exc}") from exc
+    warm = session.warm_up()
+    log.info("model %s on %s (warm-up %.0f ms)", s.path, session.describe(), warm * 1000)
+    return session
 
 
-@dataclasses.dataclass
-class _SiteState:
-    """What the pipeline knows about one stream."""
-
-    device: str
-    next_sample: int  # the absolute index the detector expects next
-    satellite: bool = False
+def make_recorder(s: SegmentSettings) -> SegmentRecorder:
+    return SegmentRecorder(s, SAMPLE_RATE)
 
 
-class Pipeline:
-    """Owns the detector, the segment recorder and the per-site bookkeeping; runs on its own thread."""
-
-    def __init__(self, daemon: Daemon, settings: Settings, session: ModelSession) -> None:
-        self.daemon = daemon
-        self.settings = settings
-        self.session = session
-        self.detector = Detector(session, settings.detector)
-        self.recorder = SegmentRecorder(settings.segments, SAMPLE_RATE)
-        self.sites: dict[str, _SiteState] = {}
-        self.satellite_audio: dict[str, collections.deque[np.ndarray]] = {}
-        self.satellite_lock = threading.Lock()
-        self._satellite_rates: dict[str, StreamResampler] = {}  # publisher thread only
-        self.detections = 0
-        self.suppressed = 0
-        self.audio_seconds = 0.0
-        self.busy_seconds = 0.0
-        self._rejected: dict[tuple[str, str], int] = {}  # (site, wakeword id): the count last seen
-        self._site_reopens: dict[str, int] = {}
-        self._restart: set[str] = set()  # sites whose device was reopened: the next audio starts a new stream
-
-    # -- streams --------------------------------------------------------------------------------------------
-
-    def sync_local_sites(self, hub: AudioHub) -> None:
-        devices = {site: st.device for st in hub.status().values() for site in st.sites}
-        for site in hub.sites():
-            if site not in self.sites:
-                start = hub.end(site)
-                self.sites[site] = _SiteState(device=devices.get(site, ""), next_sample=start)
-                self.detector.add_stream(site, start)
-                log.info("site %s: listening on %s", site, devices.get(site, "?"))
-        for site in [s for s, st in self.sites.items() if not st.satellite and s not in hub.sites()]:
-            self._drop(site)
-
-    def _drop(self, site: str) -> None:
-        self.sites.pop(site, None)
-        self.detector.remove_stream(site)
-        for key in [k for k in self._rejected if k[0] == site]:
-            del self._rejected[key]
-        for seg in self.recorder.flush(site):
-            self.daemon.publish_segment(seg)
-        log.info("site %s: removed", site)
-
-    def satellite_frame(self, site: str, samples: np.ndarray) -> None:
-        """Called on the publisher's thread: queue a remote satellite's 16 kHz audio for the pipeline."""
-        with self.satellite_lock:
-            q = self.satellite_audio.get(site)
-            if q is None:
-                q = self.satellite_audio[site] = collections.deque(maxlen=SATELLITE_QUEUE_BLOCKS)
-            q.append(samples)
-        self.daemon.wake_pipeline()
-
-    def satellite_input(self, site: str, samples: np.ndarray, rate: int) -> None:
-        """``Publisher.satellite_audio``: mono int16 at ``rate`` Hz, resampled to 16 kHz with the filter state
-        of the site's earlier frames (a change of rate starts the site's resampler over)."""
-        rs = self._satellite_rates.get(site)
-        if rs is None or rs.rate_in != rate:
-            if rs is None and len(self._satellite_rates) >= 256:
-                del self._satellite_rates[next(iter(self._satellite_rates))]
-            rs = self._satellite_rates[site] = StreamResampler(rate, SAMPLE_RATE, 1)
-        out = rs.process(samples)
-        if len(out):
-            self.satellite_frame(site, out)
-
-    # -- one pass -------------------------------------------------------------------------------------------
-
-    def run_once(self, hub: AudioHub) -> bool:
-        """Read every site's new audio, run one batched detector step, publish; returns whether audio came."""
-        new: dict[str, tuple[np.ndarray, int]] = {}
-        for site in hub.sites():
-            # The capture index runs on across a device reopen (the gap is not counted), so a reopen is read
-            # before the audio: the hub raises the count only after the old stream's last sample.
-            reopens = hub.reopens(site)
-            if reopens != self._site_reopens.setdefault(site, reopens):
-                self._site_reopens[site] = reopens
-                if site in self.sites:
-                    self._restart.add(site)
-            samples, first = hub.read(site)
-            if samples.size:
-                new[site] = (samples, first)
-        captured = bool(new)
-        with self.satellite_lock:
-            pending = {site: list(q) for site, q in self.satellite_audio.items() if q}
-            for q in self.satellite_audio.values():
-                q.clear()
-        for site, blocks in pending.items():
-            if site not in self.sites:
-                self.sites[site] = _SiteState(device=f"satellite:{site}", next_sample=0, satellite=True)
-                self.detector.add_stream(site, 0)
-                self.daemon.publisher_sites_changed()
-                log.info("site %s: remote satellite joined", site)
-            new[site] = (np.concatenate(blocks), self.sites[site].next_sample)
-        got_audio = bool(new)
-        if captured:
-            self.daemon.watchdog.beat("capture")
-        offset = 0
-        while True:
-            for site, (samples, first) in new.items():
-                if offset < samples.size:
-                    self._feed(site, samples[offset:offset + ROUND_SAMPLES], first + offset)
-            t0 = time.perf_counter()
-            hits = self.detector.step()
-            step = time.perf_counter() - t0
-            if got_audio:
-                self.busy_seconds += step
-                self.daemon.metrics.observe_step(step)
-            for hit in hits:
-                self._wake(hit, hub)
-            offset += ROUND_SAMPLES
-            if not any(offset < samples.size for samples, _ in new.values()):
-                break
-        self._count_rejections()
-        return got_audio
-
-    def targets(self) -> dict[str, int]:
-        """Per local site, the absolute capture index up to which audio completes the detector's next step."""
-        return {site: st.next_sample + self.detector.samples_needed(site)
-                for site, st in self.sites.items() if not st.satellite}
-
-    def _feed(self, site: str, samples: np.ndarray, first: int) -> None:
-        state = self.sites.get(site)
-        if state is None:
-            return
-        if site in self._restart:
-            self._restart.discard(site)
-            log.info("site %s: device reopened; detector restarts at sample %d", site, first)
-            self.detector.reset_stream(site, first)
-        elif first != state.next_sample:
-            # Audio was lost (the reader fell behind the ring): start the stream afresh at the new index,
-            # so no keyword is stitched together across the gap and stream time stays right.
-            log.info("site %s: %d samples missing; detector restarts at sample %d",
-                     site, first - state.next_sample, first)
-            self.detector.reset_stream(site, first)
-        state.next_sample = first + samples.size
-        self.audio_seconds += samples.size / SAMPLE_RATE
-        for seg in self.recorder.feed(site, samples, first):
-            self.daemon.publish_segment(seg)
-        self.detector.accept(site, samples)
-
-    def _wake(self, hit: Detection, hub: AudioHub) -> None:
-        state = self.sites[hit.stream]
-        if not self.daemon.detection_enabled(hit.stream):
-            self.suppressed += 1
-            log.info("site %s: %s (score %.3f) ignored: detection toggled off", hit.stream, hit.keyword, hit.score)
-            return
-        session_id = uuid.uuid4().hex
-        now_sample = state.next_sample if state.satellite else max(state.next_sample, hub.end(hit.stream))
-        keyword_audio = self.recorder.audio(hit.stream, hit.start_sample, hit.end_sample)
-        event = WakeEvent(
-            site_id=hit.stream,
-            wakeword_id=hit.wakeword_id,
-            keyword=hit.keyword,
-            score=round(hit.score, 4),
-            threshold=hit.threshold,
-            start=round(hit.start, 3),
-            end=round(hit.end, 3),
-            session_id=session_id,
-            device=state.device,
-            energy=round(energy_dbfs(keyword_audio), 1),
-            latency=round((now_sample - hit.end_sample) * 1000 / SAMPLE_RATE, 1),
-        )
-        self.detections += 1
-        self.daemon.metrics.detection(hit.stream, hit.wakeword_id)
-        log.info("wake: site %s heard %s (score %.3f >= %.3f) at %.2f-%.2f s, %.1f dBFS, %.0f ms after it ended",
-                 hit.stream, hit.keyword, hit.score, hit.threshold, hit.start, hit.end, event.energy, event.latency)
-        self.daemon.publish_wake(event)
-        self.recorder.start(hit.stream, session_id, hit.start_sample, hit.end_sample)
-
-    def _count_rejections(self) -> None:
-        for site in self.sites:
-            for wakeword_id, n in self.detector.rejected(site).items():
-                old = self._rejected.get((site, wakeword_id), 0)
-                # A count below the last one seen means the stream was restarted (device reopened, audio lost):
-                # its decoder counts from zero again.
-                new = n - old if n >= old else n
-                if new:
-                    self.daemon.metrics.rejection(site, wakeword_id, new)
-                self._rejected[(site, wakeword_id)] = n
-
-    def flush_segments(self) -> None:
-        for seg in self.recorder.flush():
-            self.daemon.publish_segment(seg)
+def make_publisher(settings: MqttSettings, outbox: Outbox, sites: Sequence[str], stop: threading.Event,
+                   liveness: Liveness) -> Publisher:
+    return Publisher(settings, sites=sites, stop=stop, outbox=outbox, liveness=liveness)
 
 
-def _heartbeats(s: Settings) -> tuple[str, ...]:
-    """Stages the watchdog requires progress from: capture only when there are local inputs."""
-    return ("capture", "pipeline") if s.inputs else ("pipeline",)
+@dataclass
+class Factories:
+    """Where the daemon creates its parts: the seams at which tests inject faults."""
+
+    session: Callable[[ModelSettings], ModelSession] = open_session
+    detector: Callable[[ModelSession, DetectorSettings], Detector] = Detector
+    recorder: Callable[[SegmentSettings], SegmentRecorder] = make_recorder
+    outbox: Callable[[Path, int], Outbox] = Outbox
+    publisher: Callable[[MqttSettings, Outbox, Sequence[str], threading.Event, Liveness], Publisher] = \
+        make_publisher
+    pipeline_backoff: Callable[[], Backoff] = field(default=lambda: Backoff(0.5, 30.0))
+
+
+def remote_limits(s: Settings) -> RemoteLimits:
+    sat = s.mqtt.satellites
+    return RemoteLimits(max_sites=sat.max_sites, idle_timeout=sat.idle_timeout, buffer_seconds=sat.buffer_seconds)
+
+
+@dataclass
+class _Plan:
+    """The parts a reload will swap in, built and validated before anything changes."""
+
+    settings: Settings
+    parts: Parts | None = None
+    outbox: Outbox | None = None
+    publisher: Publisher | None = None
+    replace_publisher: bool = False
+
+    def discard(self, current: Parts | None, current_outbox: Outbox | None) -> None:
+        """The reload failed after building some parts: close them."""
+        if self.publisher is not None:
+            self.publisher.stop(timeout=0.0)
+        if self.outbox is not None and self.outbox is not current_outbox:
+            self.outbox.close()
+        if self.parts is not None:
+            self.parts.close(keep_session=current is not None and self.parts.session is current.session)
 
 
 class Daemon:
     """``kwsd run``: build the parts from the config, run until TERM/INT, reload on HUP."""
 
-    def __init__(self, config_path: Path | None, settings: Settings, notifier: Notifier | None = None) -> None:
+    def __init__(self, config_path: Path | None, settings: Settings, notifier: Notifier | None = None,
+                 factories: Factories | None = None) -> None:
         self.config_path = config_path
         self.settings = settings
         self.notifier = notifier or Notifier()
+        self.factories = factories or Factories()
         self.stop_event = threading.Event()
+        self.liveness = Liveness()
+        self.watchdog = Watchdog(self.notifier, self.liveness)
         self.metrics = Metrics()
-        self.watchdog = Watchdog(self.notifier, _heartbeats(settings))
-        self._reload_requested = threading.Event()
         self.toggles = ToggleState()
-        self._pipeline_lock = threading.Lock()
-        self.session: ModelSession | None = None
+        self.extra_sinks: list[Sink] = []
+        """Sinks besides the publisher (review archive, Wyoming server); see ``add_sink``."""
+        self._reload_requested = threading.Event()
+        self._reload_lock = threading.Lock()
         self.hub: AudioHub | None = None
-        self.publisher: Publisher | None = None
         self.pipeline: Pipeline | None = None
+        self.outbox: Outbox | None = None
+        self.publisher: Publisher | None = None
         self._thread: threading.Thread | None = None
         self._ready = False
         self._last_status = 0.0
-        self._pending: Settings | None = None
-        self._reopens: dict[str, int] = {}
-        self._overruns: dict[str, int] = {}
-        self._reconnects = 0
+        self._status_text = ""
+        self._input_up: dict[str, bool] = {}
+        self._site_available: dict[str, bool] = {}
+        self._seen: dict[str, tuple[int, int]] = {}  # counter -> (id of its source object, last value seen)
+        self._remote_refusals = 0
+        self._last_refusal_log = 0.0
 
     # -- building -------------------------------------------------------------------------------------------
 
-    def _open_session(self, s: Settings) -> ModelSession:
+    def _build_parts(self, s: Settings, session: ModelSession) -> Parts:
         try:
-            session = ModelSession(s.model.path, s.model.providers, s.model.intra_op_threads, s.model.max_batch)
-        except ModelError as exc:
-            raise StartupError(f"model.path: {exc}") from exc
-        warm = session.warm_up()
-        log.info("model %s on %s (warm-up %.0f ms)", s.model.path, session.describe(), warm * 1000)
-        self.metrics.set_provider(session.provider)
-        return session
+            detector = self.factories.detector(session, s.detector)
+        except ValueError as exc:  # KeywordError and friends: a keyword the model cannot spell, ...
+            raise StartupError(f"detector: {exc}") from exc
+        return Parts(session, detector, self.factories.recorder(s.segments))
 
-    def _make_publisher(self, s: Settings, sites: list[str]) -> Publisher | None:
-        if not s.mqtt.enabled:
-            return None
-        outbox = s.service.state_path() / "outbox"
+    def _open_outbox(self, s: Settings) -> Outbox:
+        directory = s.service.state_path() / "outbox"
         try:
-            outbox.mkdir(parents=True, exist_ok=True)
+            return self.factories.outbox(directory, s.mqtt.outbox.max_bytes)
         except OSError as exc:
-            raise StartupError(f"service.state_dir: cannot create {outbox}: {exc.strerror or exc}") from exc
-        pub = Publisher(s.mqtt, outbox, sites, self.stop_event)
+            raise StartupError(f"service.state_dir: cannot open the outbox in {directory}: "
+                               f"{exc.strerror or exc}") from exc
+
+    def _new_publisher(self, s: Settings, outbox: Outbox, sites: Sequence[str]) -> Publisher:
+        pub = self.factories.publisher(s.mqtt, outbox, sites, self.stop_event, self.liveness)
         pub.on_toggle = self._on_toggle
-        if self.pipeline is not None:
-            pub.satellite_audio = self.pipeline.satellite_input
+        pub.satellite_audio = self.satellite_audio
         return pub
+
+    def add_sink(self, sink: Sink) -> None:
+        """Hand every wake and segment to ``sink`` as well (review archive, Wyoming server); any time."""
+        self.extra_sinks.append(sink)
+        if self.pipeline is not None:
+            self.pipeline.set_sinks(self._sinks())
+
+    def _sinks(self) -> list[Sink]:
+        sinks: list[Sink] = [self.publisher] if self.publisher is not None else []
+        return [*sinks, *self.extra_sinks]
 
     def start(self) -> None:
         s = self.settings
-        self.session = self._open_session(s)
+        self.notifier.extend_timeout(START_TIMEOUT_EXTENSION)
+        session = self.factories.session(s.model)
+        parts = self._build_parts(s, session)
         try:
-            self.pipeline = Pipeline(self, s, self.session)
-        except KeywordError as exc:
+            check_sites(s.inputs)
+        except ValueError as exc:
             raise StartupError(str(exc)) from exc
-        self.hub = AudioHub(s.inputs, self.stop_event)
-        self.publisher = self._make_publisher(s, self.hub.sites())
+        self.hub = AudioHub(s.inputs, self.stop_event, self.liveness, remote_limits(s))
+        self.hub.on_sites_changed = self._sites_changed
+        if s.mqtt.enabled:
+            self.outbox = self._open_outbox(s)
+            self.publisher = self._new_publisher(s, self.outbox, self.hub.sites())
+        self.pipeline = Pipeline(self.hub, parts, self._sinks(), self.metrics, self.toggles)
+        self.metrics.read_broker_connected(lambda: self.publisher is not None and self.publisher.connected)
+        if s.service.metrics.enabled:
+            try:
+                host, port = self.metrics.serve(s.service.metrics.address, s.service.metrics.port)
+            except OSError as exc:
+                raise StartupError(f"service.metrics: {exc}") from exc
+            log.info("metrics on http://%s:%d/metrics", host, port)
         if self.publisher is not None:
-            self.publisher.satellite_audio = self.pipeline.satellite_input
             self.publisher.start()
         self.hub.start()
-        self.pipeline.sync_local_sites(self.hub)
-        if s.service.metrics.enabled:
-            host, port = self.metrics.serve(s.service.metrics.address, s.service.metrics.port)
-            log.info("metrics on http://%s:%d/metrics", host, port)
-        self._thread = threading.Thread(target=self._pipeline_loop, name="kwsd-pipeline", daemon=True)
-        self._thread.start()
-
-    # -- pipeline thread ------------------------------------------------------------------------------------
-
-    def wake_pipeline(self) -> None:
-        """Make the pipeline thread run a pass now (remote audio queued, a reload pending, stopping)."""
-        if self.hub is not None:
-            self.hub.wake()
-
-    def _pipeline_loop(self) -> None:
-        assert self.hub is not None and self.pipeline is not None
-        last_rtf = time.monotonic()
-        while not self.stop_event.is_set():
-            pending, self._pending = self._pending, None
-            if pending is not None:
-                self._apply(pending)
-            hub, pipeline = self.hub, self.pipeline
-            # Sleep until some site can complete a detector step (about every 90 ms), not per capture block.
-            hub.wait(0.25, pipeline.targets())
-            try:
-                pipeline.run_once(hub)
-            except Exception:  # a bug must not silently kill detection: log it; the watchdog sees no progress
-                log.exception("pipeline step failed")
-                self.stop_event.wait(1.0)
-                continue
-            self.watchdog.beat("pipeline")
-            now = time.monotonic()
-            if now - last_rtf >= 5.0 and pipeline.audio_seconds > 0:
-                self.metrics.set_real_time_factor(pipeline.busy_seconds / pipeline.audio_seconds)
-                self.metrics.set_streams(len(pipeline.sites))
-                last_rtf = now
-        if self.pipeline is not None:
-            self.pipeline.flush_segments()
-
-    def _apply(self, new: Settings) -> None:
-        """Runs on the pipeline thread: take a validated new config into use without stopping capture."""
-        old = self.settings
-        assert self.hub is not None and self.pipeline is not None
-        if new.model != old.model or new.detector != old.detector or new.segments != old.segments:
-            session = self.session if new.model == old.model else self._open_session(new)
-            assert session is not None
-            pipeline = Pipeline(self, new, session)
-            self.pipeline.flush_segments()
-            self.pipeline = pipeline
-            self.session = session
-            if self.publisher is not None:
-                self.publisher.satellite_audio = pipeline.satellite_input
-        if new.inputs != old.inputs:
-            self.hub.update(new.inputs)
-            self.watchdog.watch(_heartbeats(new))
-        self.pipeline.sync_local_sites(self.hub)
-        if new.mqtt != old.mqtt or new.service.state_dir != old.service.state_dir:
-            old_pub, self.publisher = self.publisher, self._make_publisher(new, self.hub.sites())
-            if old_pub is not None:
-                old_pub.stop()
-            if self.publisher is not None:
-                self.publisher.start()
-        elif self.publisher is not None:
-            self.publisher.update_sites(list(self.pipeline.sites))
-        self.settings = new
-        log.info("configuration reloaded: %d sites", len(self.pipeline.sites))
-        self.notifier.ready(self.status_line())
+        self.pipeline.sync_sites()
+        self._thread = supervise("pipeline", self.pipeline.run, stop=self.stop_event, liveness=self.liveness,
+                                 backoff=self.factories.pipeline_backoff(), beat_within=BEAT_WITHIN, logger=log)
 
     # -- callbacks from other threads -----------------------------------------------------------------------
 
     def _on_toggle(self, site: str, enabled: bool, reason: str) -> None:
-        on = self.toggles.apply(site, enabled, reason)
-        log.info("site %s: detection %s (%s)", site, "on" if on else "off", reason or "no reason given")
+        """A Hermes ``toggleOn`` (``enabled``) or ``toggleOff`` arrived; the pipeline keeps the state."""
+        if self.pipeline is not None:
+            self.pipeline.toggle(site, enabled, reason)
+        else:
+            self.toggles.apply(site, enabled, reason)
 
-    def detection_enabled(self, site: str) -> bool:
-        return self.toggles.enabled(site)
+    def satellite_audio(self, site: str, samples: np.ndarray, rate: int) -> None:
+        """Remote audio for ``site`` (mono int16 at ``rate``), from the MQTT side's thread; refusals are counted
+        and logged at most every 10 s (a flood of new siteIds must not flood the journal)."""
+        hub = self.hub
+        if hub is None:
+            return
+        try:
+            hub.remote(site, "satellite").write(samples, rate)
+        except (RemoteRefused, ValueError, TypeError) as exc:
+            self._remote_refusals += 1
+            now = time.monotonic()
+            level = logging.WARNING if now - self._last_refusal_log > 10.0 else logging.DEBUG
+            if level == logging.WARNING:
+                self._last_refusal_log = now
+            log.log(level, "satellite audio refused: %s (%d refused so far)", exc, self._remote_refusals)
 
-    def publisher_sites_changed(self) -> None:
-        if self.publisher is not None and self.pipeline is not None:
-            self.publisher.update_sites(list(self.pipeline.sites))
+    def _sites_changed(self) -> None:
+        if self.publisher is not None and self.hub is not None:
+            self.publisher.update_sites(self.hub.sites())
 
-    def publish_wake(self, event: WakeEvent) -> None:
-        if self.publisher is not None:
-            self.publisher.publish_wake(event)
+    # -- health (main thread) -------------------------------------------------------------------------------
 
-    def publish_segment(self, segment: Segment) -> None:
-        if self.publisher is not None:
-            self.publisher.publish_segment(segment)
-            log.info("segment %s: %.1f s from site %s (%s)", segment.session_id, segment.duration, segment.site,
-                     segment.reason)
+    def _check_inputs(self) -> bool:
+        """Follow each input's state: metrics, and the availability of its sites; True when one changed."""
+        if self.hub is None:
+            return False
+        changed = False
+        for name, st in self.hub.status().items():
+            if st.state == "starting":
+                continue
+            up = st.state == "running"
+            if self._input_up.get(name) != up:
+                self._input_up[name] = up
+                self.metrics.set_input_up(name, up)
+                changed = True
+            for site in st.sites:
+                if self._site_available.get(site, True) != up:
+                    self._site_available[site] = up
+                    if self.publisher is not None:
+                        self.publisher.set_site_available(site, up)
+                    log.info("site %s: %s", site, "available again" if up else
+                             f"unavailable (input {name}: {st.state})")
+        return changed
 
-    # -- main thread ----------------------------------------------------------------------------------------
+    def _count(self, key: str, source: object, value: int, add: Callable[[int], None]) -> None:
+        """Add what ``value`` grew by since last seen; a new source object (after a reload), or a count that went
+        down (its input was replaced), counts from zero."""
+        last_source, last = self._seen.get(key, (id(source), 0))
+        if last_source != id(source) or value < last:
+            last = 0
+        add(value - last)
+        self._seen[key] = (id(source), value)
+
+    def _update_metrics(self) -> None:
+        if self.pipeline is not None:
+            self.metrics.set_provider(self.pipeline.parts.session.provider)
+        if self.hub is not None:
+            for name, st in self.hub.status(remote=True).items():
+                self._count(f"overruns:{name}", self.hub, st.overruns, partial(self.metrics.overrun, name))
+                self._count(f"reopens:{name}", self.hub, st.reopens, partial(self.metrics.reopen, name))
+        pub = self.publisher
+        if pub is not None:
+            c = pub.counters
+            self._count("reconnects", pub, c.reconnects, self.metrics.broker_reconnect)
+            self._count("published", pub, c.published, self.metrics.add_published)
+            self._count("dropped", pub.outbox, c.dropped, self.metrics.add_dropped)
+            self.metrics.set_outbox_depth(c.outbox_depth)
+
+    def waiting_for(self) -> list[str]:
+        """Devices of local inputs that are not delivering (missing, reopening, failed)."""
+        if self.hub is None:
+            return []
+        return [f"{st.device}" for st in self.hub.status().values() if st.state not in ("running", "finished")]
 
     def status_line(self) -> str:
         p, pub = self.pipeline, self.publisher
-        overruns = sum(st.overruns for st in self.hub.status().values()) if self.hub else 0
+        overruns = sum(st.overruns for st in self.hub.status(remote=True).values()) if self.hub else 0
         broker = pub.state if pub is not None else "disabled"
-        provider = self.session.provider.replace("ExecutionProvider", "") if self.session else "-"
-        return (f"{provider}; {len(p.sites) if p else 0} sites; {p.detections if p else 0} detections; "
+        provider = p.parts.session.provider.replace("ExecutionProvider", "") if p else "-"
+        text = (f"{provider}; {len(p.sites) if p else 0} sites; {p.detections if p else 0} detections; "
                 f"{overruns} overruns; broker {broker}")
+        waiting = self.waiting_for()
+        if waiting:
+            text = f"waiting for {', '.join(waiting)}; {text}"
+        late = self.liveness.overdue()
+        if late:
+            text = f"{', '.join(late)} not responding; {text}"
+        return text
 
-    def _update_metrics(self) -> None:
-        if self.hub is not None:
-            for name, st in self.hub.status().items():
-                self.metrics.overrun(name, max(0, st.overruns - self._overruns.get(name, 0)))
-                for _ in range(st.reopens - self._reopens.get(name, 0)):
-                    self.metrics.reopen(name)
-                self._overruns[name], self._reopens[name] = st.overruns, st.reopens
-        if self.publisher is not None:
-            c = self.publisher.counters
-            for _ in range(max(0, c.reconnects - self._reconnects)):
-                self.metrics.broker_reconnect()
-            self._reconnects = max(self._reconnects, c.reconnects)
-            self.metrics.set_outbox_depth(c.outbox_depth)
-
-    def _audio_flowing(self) -> bool:
-        if not self.settings.inputs:
-            return True
-        assert self.hub is not None
-        return any(st.samples > 0 for st in self.hub.status().values())
+    # -- reload ---------------------------------------------------------------------------------------------
 
     def request_reload(self) -> None:
         self._reload_requested.set()
 
+    def _prepare(self, new: Settings) -> _Plan:
+        """Build and validate everything the new config needs, changing nothing that runs."""
+        old = self.settings
+        assert self.pipeline is not None and self.hub is not None
+        plan = _Plan(new)
+        current = self.pipeline.parts
+        try:
+            check_sites(new.inputs)
+            local = {site for inp in new.inputs for site in inp.site_map().values()}
+            clash = local & set(self.hub.remote_sites())
+            if clash:
+                raise ValueError(f"siteId {sorted(clash)[0]!r} is in use by a remote site")
+            if new.model != old.model or new.detector != old.detector or new.segments != old.segments:
+                session = current.session
+                if new.model != old.model:
+                    self.notifier.extend_timeout(START_TIMEOUT_EXTENSION)
+                    session = self.factories.session(new.model)
+                    self.watchdog.poll()
+                try:
+                    plan.parts = self._build_parts(new, session)
+                except BaseException:
+                    if session is not current.session:
+                        session.close()
+                    raise
+                self.watchdog.poll()
+            if new.mqtt != old.mqtt or new.service.state_dir != old.service.state_dir:
+                plan.replace_publisher = True
+                if new.mqtt.enabled:
+                    same_dir = new.service.state_path() == old.service.state_path() and self.outbox is not None
+                    plan.outbox = self.outbox if same_dir else self._open_outbox(new)
+                    assert plan.outbox is not None
+                    plan.publisher = self._new_publisher(new, plan.outbox, self.hub.sites())
+        except BaseException:
+            plan.discard(current, self.outbox)
+            raise
+        return plan
+
+    def _commit(self, plan: _Plan) -> None:
+        """Swap the prepared parts in; the pipeline pauses for at most one pass."""
+        assert self.pipeline is not None and self.hub is not None
+        new, old = plan.settings, self.settings
+        if new.inputs != old.inputs:
+            self.hub.update(new.inputs)
+            for name in [n for n in self._input_up if n not in self.hub.status()]:
+                del self._input_up[name]
+                self.metrics.forget_input(name)
+        self.hub.remote_limits = remote_limits(new)
+        if plan.outbox is not None:
+            plan.outbox.max_bytes = new.mqtt.outbox.max_bytes
+        if plan.parts is not None:
+            retired = self.pipeline.swap(plan.parts)
+            retired.close(keep_session=retired.session is plan.parts.session)
+        if plan.replace_publisher:
+            old_pub, old_outbox = self.publisher, self.outbox
+            self.publisher = plan.publisher
+            self.outbox = plan.outbox
+            self.pipeline.set_sinks(self._sinks())
+            if old_pub is not None:
+                old_pub.stop(timeout=1.0)  # on this thread: detection goes on meanwhile
+            if old_outbox is not None and old_outbox is not self.outbox:
+                old_outbox.close()
+            if self.publisher is not None:
+                for site, up in self._site_available.items():
+                    if not up:
+                        self.publisher.set_site_available(site, False)
+                self.publisher.start()
+        self._sites_changed()
+        self.settings = new
+
     def reload(self) -> bool:
-        """Re-read the config file; a bad one is reported and the running config stays."""
+        """Re-read the config file; a bad one (or parts that cannot be built) is reported and the running
+        configuration stays, untouched."""
         self._reload_requested.clear()
         if self.config_path is None:
             log.warning("reload requested, but kwsd was started without a config file")
             return False
-        self.notifier.reloading("reloading configuration")
-        try:
-            new = settings_mod.load(self.config_path)
-            if new.model != self.settings.model:
-                ModelSession(new.model.path, ("CPUExecutionProvider",))  # validate before switching
-            if new.detector != self.settings.detector and self.session is not None:
-                Detector(self.session, new.detector)
-        except (ConfigError, ModelError, KeywordError) as exc:
-            log.error("reload of %s failed, keeping the running configuration: %s", self.config_path, exc)
+        with self._reload_lock:
+            self.notifier.reloading("reloading configuration")
+            try:
+                new = settings_mod.load(self.config_path)
+                plan = self._prepare(new)
+            except Exception as exc:  # whatever it is, the running configuration must survive it
+                message = str(exc) if isinstance(exc, settings_mod.ConfigError | StartupError) else describe(exc)
+                log.error("reload of %s failed, keeping the running configuration: %s", self.config_path, message)
+                log.debug("reload failure", exc_info=exc)
+                self.notifier.ready(self.status_line())
+                return False
+            self._commit(plan)
+            assert self.pipeline is not None
+            log.info("configuration reloaded: %d sites", len(self.hub.sites()) if self.hub else 0)
             self.notifier.ready(self.status_line())
-            return False
-        self._pending = new
-        self.wake_pipeline()
-        return True
+            return True
+
+    # -- main thread ----------------------------------------------------------------------------------------
 
     def serve(self, handle_signals: bool = True) -> int:
         """Run until stopped; returns the exit code."""
@@ -474,20 +409,37 @@ class Daemon:
             log.error("%s", exc)
             self.shutdown()
             return 1
-        interval = self.settings.service.status_interval
-        while not self.stop_event.wait(0.2):
+        except Exception as exc:
+            log.error("cannot start: %s", describe(exc))
+            log.debug("start-up failure", exc_info=exc)
+            self.shutdown()
+            return 1
+        # READY does not wait for audio (a missing mic must not fail the start), but it does wait a moment for
+        # each input's first open, so its STATUS says truthfully which devices are missing.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and self.hub is not None and any(
+                st.state == "starting" for st in self.hub.status().values()):
+            time.sleep(0.02)
+        self._ready = True
+        self._check_inputs()
+        status = self.status_line()
+        log.info("ready: %s", status)
+        self.notifier.ready(status)
+        self._last_status = time.monotonic()
+        interval = min(self.settings.service.status_interval, 5.0)
+        while not self.stop_event.wait(TICK):
             if self._reload_requested.is_set():
                 self.reload()
-            if not self._ready and self._audio_flowing():
-                self._ready = True
-                log.info("ready: %s", self.status_line())
-                self.notifier.ready(self.status_line())
-                self._last_status = time.monotonic()
+                interval = min(self.settings.service.status_interval, 5.0)
             self.watchdog.poll()
+            changed = self._check_inputs()
             now = time.monotonic()
-            if self._ready and now - self._last_status >= min(interval, 5.0):
+            if changed or now - self._last_status >= interval:
                 self._update_metrics()
-                self.notifier.status(self.status_line())
+                status = self.status_line()
+                if status != self._status_text or now - self._last_status >= interval:
+                    self.notifier.status(status)
+                    self._status_text = status
                 self._last_status = now
         self.shutdown()
         return 0
@@ -507,13 +459,18 @@ class Daemon:
     def shutdown(self) -> None:
         self.notifier.stopping("stopping")
         self.stop_event.set()
-        self.wake_pipeline()
+        if self.hub is not None:
+            self.hub.wake()
         if self._thread is not None:
             self._thread.join(timeout=3.0)
         if self.hub is not None:
             self.hub.stop()
         if self.publisher is not None:
             self.publisher.stop(timeout=2.0)
+        if self.outbox is not None:
+            self.outbox.close()
+        if self.pipeline is not None:
+            self.pipeline.parts.close(keep_session=False)
         self.metrics.close()
         log.info("stopped")
 

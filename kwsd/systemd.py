@@ -1,4 +1,4 @@
-"""sd_notify(3) for the service manager: READY, RELOADING, STOPPING, STATUS, and a watchdog fed by progress.
+"""sd_notify(3) for the service manager: READY, RELOADING, STOPPING, STATUS, and a watchdog fed by liveness.
 
 Outside systemd (no ``NOTIFY_SOCKET``) every call is a no-op, so the same code runs from a terminal. The
 protocol is one datagram of newline-separated ``KEY=value`` fields on an AF_UNIX socket, sent here directly:
@@ -14,7 +14,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+
+from kwsd.lifecycle import Liveness
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ class Notifier:
         self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
 
     def watchdog(self) -> None:
-        """Tell systemd the service is alive; call it only on evidence of progress (see ``Watchdog``)."""
+        """Tell systemd the service is alive; call it only when every part is (see ``Watchdog``)."""
         self.notify("WATCHDOG=1")
 
     def close(self) -> None:
@@ -145,80 +147,60 @@ def _status_field(text: str | None) -> tuple[str, ...]:
 
 
 class Watchdog:
-    """Feeds the systemd watchdog only while every pipeline stage makes progress.
+    """Feeds the systemd watchdog only while every part is alive and in a known state.
 
-    Stages call ``beat(name)`` when they do work (capture: a block arrived; detector: an inference step ran).
-    The main loop calls ``poll()`` often (at least every ``interval``); when a ping is due and every heartbeat
-    advanced since the last ping, it sends ``WATCHDOG=1``. A stuck stage therefore stops the pings and systemd
-    restarts the service after ``WatchdogSec=``, instead of a timer thread hiding the hang.
+    Parts (inputs, the PulseAudio watcher, the pipeline, the MQTT connection) beat into a ``Liveness`` registry,
+    each promising its next beat: a running part within its own bound, a part waiting for its device by its next
+    attempt. The main loop calls ``poll()`` often (at least every ``interval``); a ping is sent when one is due
+    and ``Liveness.overdue()`` is empty. A part that is stuck, or failed and gave up, stops the pings, and systemd
+    restarts the service after ``WatchdogSec=``; a microphone that is merely unplugged does not.
     """
 
     def __init__(
         self,
         notifier: Notifier,
-        names: Sequence[str],
+        liveness: Liveness,
         *,
         interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not names:
-            raise ValueError("Watchdog needs at least one heartbeat name")
         self._notifier = notifier
+        self.liveness = liveness
         self.interval = interval if interval is not None else notifier.watchdog_interval
         """Seconds between pings; None disables pinging (no watchdog configured)."""
         self._clock = clock
-        self._watched = tuple(names)
-        self._counts = dict.fromkeys(names, 0)
-        self._seen = dict.fromkeys(names, 0)
         self._last_ping = clock()
-        self._stuck: tuple[str, ...] = ()
+        self._late: tuple[str, ...] = ()
+        self.pings = 0
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The heartbeats that must advance for a ping."""
-        return self._watched
-
-    def watch(self, names: Sequence[str]) -> None:
-        """Change which heartbeats must advance (a reload added or removed every local input). A newly watched
-        one gets one ping interval of grace to start beating."""
-        if not names:
-            raise ValueError("Watchdog needs at least one heartbeat name")
-        for name in names:
-            if name not in self._watched:
-                self._seen[name] = self._counts.get(name, 0) - 1
-        self._watched = tuple(names)
-
-    def beat(self, name: str) -> None:
-        """Record progress of stage ``name``; cheap enough for every audio block."""
-        # Each name is beaten by one thread only; the main thread only reads, so no lock is needed.
-        self._counts[name] = self._counts.get(name, 0) + 1
-
-    def stuck(self) -> tuple[str, ...]:
-        """Watched heartbeats that have not advanced since the last ping."""
-        counts, seen = self._counts, self._seen
-        return tuple(name for name in self._watched if counts.get(name, 0) == seen.get(name, 0))
+    def late(self) -> tuple[str, ...]:
+        """Parts whose promised beat is overdue (what withholds the ping)."""
+        return self.liveness.overdue()
 
     def poll(self) -> bool:
-        """Ping systemd if a ping is due and every heartbeat advanced; return whether it pinged."""
+        """Ping systemd if a ping is due and no part is overdue; return whether it pinged."""
         if self.interval is None:
             return False
         now = self._clock()
         if now - self._last_ping < self.interval:
             return False
-        stuck = self.stuck()
-        if stuck:
-            if stuck != self._stuck:
-                self._stuck = stuck
-                log.warning(
-                    "no progress from %s for %.1f s: withholding the watchdog ping",
-                    ", ".join(stuck),
-                    now - self._last_ping,
+        late = self.late()
+        if late:
+            if late != self._late:
+                self._late = late
+                parts = self.liveness.parts()
+                described = ", ".join(
+                    f"{name} ({parts[name].state}{': ' + parts[name].detail if parts[name].detail else ''})"
+                    if name in parts else name
+                    for name in late
                 )
+                log.warning("withholding the watchdog ping: %s overdue", described)
             return False
-        if self._stuck:
-            log.info("%s progressing again after %.1f s", ", ".join(self._stuck), now - self._last_ping)
-            self._stuck = ()
-        self._seen = dict(self._counts)
+        if self._late:
+            log.info("%s alive again after %.1f s without a watchdog ping", ", ".join(self._late),
+                     now - self._last_ping)
+            self._late = ()
         self._last_ping = now
+        self.pings += 1
         self._notifier.watchdog()
         return True

@@ -1,9 +1,10 @@
 """Shared fixtures: where the real recordings, the model mirror and the exported model are.
 
-The data lives outside the repo. ``.ci/run`` (and ``scripts/test``) point at it with environment variables:
-KWSD_TEST_AUDIO (folder with positive/, negative/, index.tsv), KWSD_MODEL_MIRROR (a local copy of the upstream model
-repository) and KWSD_MODEL (the exported ONNX; default models/kwsd-xiaoyun.onnx). A missing one fails the test with
-the variable's name: a skipped test would check nothing.
+The model files are the ones ``scripts/setup`` fetched and verified (``models/upstream``, upstream paths) and the
+ONNX it exported (KWSD_MODEL; default models/kwsd-xiaoyun.onnx). Tests that need a fetch source build their own
+mirror folders or serve these files themselves, so no test depends on what a particular mirror holds. The
+recordings are in the folder KWSD_TEST_AUDIO names (positive/, negative/, index.tsv). A missing one fails the test
+with what to do: a skipped test would check nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ pytest_plugins: list[str] = ["tests.fixtures_fetch", "tests.fixtures_broker", "t
 def _env_dir(name: str) -> Path:
     value = os.environ.get(name)
     if not value:
-        pytest.fail(f"{name} is not set: point it at the folder (scripts/test sets it from ../shared)")
+        pytest.fail(f"{name} is not set: run the tests with scripts/test (it fetches the recordings into "
+                    "models/recordings), or point it at a folder of them (positive/, negative/, index.tsv)")
     path = Path(value)
     if not path.is_dir():
         pytest.fail(f"{name}={value} is not a folder")
@@ -54,8 +56,15 @@ def audio_index(audio_dir: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def model_mirror() -> Path:
-    """A local mirror of the upstream ModelScope repository (same relative paths)."""
-    return _env_dir("KWSD_MODEL_MIRROR")
+    """The upstream model files ``scripts/setup`` fetched and verified (``models/upstream``, upstream paths).
+
+    Read only. Whether it holds the optional example recording depends on the source setup used; tests that
+    care build their own folder (``tests.fixtures_fetch``).
+    """
+    path = REPO / "models" / "upstream"
+    if not (path / "kwsr.net").is_file():
+        pytest.fail(f"{path} lacks the model files: run scripts/setup (it fetches them)")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""A local model server with ModelScope's download API, serving the real model mirror, with injectable faults.
+"""Model sources for fetch tests: mirror folders built from the real model files, and a local server with
+ModelScope's download API serving one, with injectable faults.
+
+``bare_mirror`` holds only the required files, ``full_mirror`` also the example recording, so no test depends on
+whether the mirror that ``scripts/setup`` used has it.
 
 URL layout (as ModelScope): ``/api/v1/models/<owner>/<name>/repo?Revision=<rev>&FilePath=<path>``; any other
 path, repository or revision is a 404, so a client that builds the URL wrongly fails. Range requests
@@ -17,6 +21,8 @@ path, repository or revision is a 404, so a client that builds the URL wrongly f
 from __future__ import annotations
 
 import re
+import shutil
+import socket
 import threading
 import time
 import urllib.parse
@@ -135,12 +141,48 @@ def _handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+EXAMPLE = "example/kws_xiaoyunxiaoyun.wav"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_mirror(root: Path, upstream: Path, example: Path | None = None) -> Path:
+    """A folder laid out like the upstream repository: the required files copied from ``upstream``, and the
+    example recording copied from ``example`` when given."""
+    for entry in load_manifest().files:
+        if entry.required:
+            (root / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(upstream / entry.path, root / entry.path)
+    if example is not None:
+        (root / EXAMPLE).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(example, root / EXAMPLE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def bare_mirror(model_mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mirror of the required model files only (no example recording, as some mirrors are). Read only."""
+    return build_mirror(tmp_path_factory.mktemp("bare-mirror"), model_mirror)
+
+
+@pytest.fixture(scope="session")
+def full_mirror(model_mirror: Path, audio_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mirror of the required model files and the example recording (as upstream). Read only."""
+    example = audio_dir / "positive" / "kws_xiaoyunxiaoyun.wav"
+    return build_mirror(tmp_path_factory.mktemp("full-mirror"), model_mirror, example)
+
+
 @pytest.fixture
-def model_server(model_mirror: Path) -> Iterator[ModelServer]:
-    """A ModelScope-like server on a free loopback port serving the real mirror; stopped after the test."""
+def model_server(bare_mirror: Path) -> Iterator[ModelServer]:
+    """A ModelScope-like server on a free loopback port serving ``bare_mirror``; stopped after the test."""
     manifest = load_manifest()
     server = ModelServer(
-        url="", root=model_mirror, repository=manifest.repository, revision=manifest.revision
+        url="", root=bare_mirror, repository=manifest.repository, revision=manifest.revision
     )
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
     httpd.daemon_threads = False  # server_close() joins the request threads: nothing outlives the test

@@ -31,6 +31,10 @@ def test_devices_lists_pulse_sources_by_name(pulse_server: PulseServer) -> None:
         assert "48000 Hz" in line and "2 ch" in line
         assert "vsink.monitor" in out.stdout
         assert "ALSA capture devices" in out.stdout and "default" in out.stdout
+        # PulseAudio's ALSA plugins are named as what they are, not listed as 32-channel cards
+        alsa = out.stdout.split("ALSA capture devices", 1)[1].splitlines()
+        assert alsa[1] == "  (none: no sound card)", out.stdout
+        assert alsa[2].startswith("ALSA plugins, not cards (") and "pulse" in alsa[2] and " ch" not in alsa[2]
         assert "kwsd_slot_" not in out.stdout
     finally:
         pulse_server.remove(src)

@@ -188,3 +188,22 @@ def test_cuda_requested_without_gpu_falls_back_to_cpu(model_path: Path) -> None:
     assert isinstance(ModelContract.from_metadata(
         ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
         .get_modelmeta().custom_metadata_map), ModelContract)
+
+
+def test_export_without_the_example_says_what_to_do(
+    model_mirror: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kwsd.__main__ import main
+
+    up = _upstream_copy(model_mirror, tmp_path)
+    out = tmp_path / "m.onnx"
+    assert main(["model", "export", "--upstream", str(up), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"kwsd model export: error: {up} lacks example/kws_xiaoyunxiaoyun.wav (its source had none): the export "
+        "plays the model card's example recording example/kws_xiaoyunxiaoyun.wav through the model to verify "
+        "it; give it with --example FILE (scripts/setup: KWSD_MODEL_EXAMPLE=/path/to/kws_xiaoyunxiaoyun.wav)\n"
+    )
+    assert main(["model", "export", "--upstream", str(up), "--output", str(out), "--example", "nowhere.wav"]) == 1
+    assert capsys.readouterr().err.startswith("kwsd model export: error: nowhere.wav does not exist: the export")
+    assert not out.exists()

@@ -130,3 +130,32 @@ def test_bad_option(tmp_path: Path) -> None:
     assert result.returncode != 0 and "unknown option --frobnicate" in result.stderr
     result = _install(tmp_path / "root", "--purge", check=False)
     assert result.returncode != 0 and "--purge only goes with --uninstall" in result.stderr
+
+
+def test_state_folder_and_everything_in_it_go_to_the_service_user(tmp_path: Path, sources: tuple[Path, Path]) -> None:
+    """An outbox left root-owned by an earlier ``kwsd run`` as root is handed to the service user (here nobody,
+    through --owner, which a real install sets to kwsd:kwsd)."""
+    import grp
+    import pwd
+
+    config, models = sources
+    root = tmp_path / "root"
+    outbox = root / "var/lib/kwsd/outbox"
+    outbox.mkdir(parents=True)
+    (outbox / "outbox.sqlite3").write_bytes(b"root's")
+    (outbox / "outbox.sqlite3-wal").write_bytes(b"")
+    assert os.geteuid() == 0, "the tests run as root (TESTING.md); chown needs it"
+    result = _install(root, "--no-venv", "--config", str(config), "--models", str(models), "--owner", "nobody:nogroup")
+    assert "/var/lib/kwsd and everything in it owned by nobody:nogroup" in result.stdout
+    nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    for path in [root / "var/lib/kwsd", *(root / "var/lib/kwsd").rglob("*")]:
+        assert (path.stat().st_uid, path.stat().st_gid) == (nobody, nogroup), path
+    conf = root / "etc/kwsd/config.yaml"
+    assert (conf.stat().st_uid, conf.stat().st_gid) == (0, nogroup)
+    result = _install(root, "--no-venv", "--owner", "nobody", check=False)
+    assert result.returncode != 0 and "--owner needs USER:GROUP, got nobody" in result.stderr
+
+
+def test_help_says_destdir_is_for_staging(tmp_path: Path) -> None:
+    help_text = _install(tmp_path / "root", "--help").stdout
+    assert "Staging only: a venv" in help_text and "--no-venv" in help_text and "--owner U:G" in help_text

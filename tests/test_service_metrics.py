@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kwsd import __version__
 from kwsd import settings as settings_mod
-from kwsd.audio.hub import AudioHub
+from kwsd.audio.hub import AudioHub, RemoteLimits
 from kwsd.audio.wavfile import read_wav
+from kwsd.kws.detector import Detector
 from kwsd.kws.session import ModelSession
 from kwsd.metrics import Metrics
+from kwsd.pipeline import Parts, Pipeline
+from kwsd.segments import SegmentRecorder
 from kwsd.settings import MetricsSettings, Settings
-from kwsd.supervisor import Daemon, Pipeline
-from kwsd.systemd import Notifier
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -133,8 +135,8 @@ def test_defaults_are_off_and_local() -> None:
 
 
 def test_pipeline_counts_rejections_under_their_wakeword_id(model_path: Path, positives: list[Path]) -> None:
-    """The daemon's pipeline feeds ``rejected_candidates`` per keyword, labelled with the wake word id (not the
-    phrase, not a catch-all), each rejection counted once however many passes it takes."""
+    """The pipeline feeds ``rejected_candidates`` per keyword, labelled with the wake word id (not the phrase, not
+    a catch-all), each rejection counted once however many passes it takes."""
     cfg = settings_mod.from_dict(Settings, {
         "model": {"path": str(model_path), "providers": ["CPUExecutionProvider"]},
         # Every 小云小云 in a recording is far shorter than 3 s: each candidate is rejected for its duration.
@@ -142,23 +144,55 @@ def test_pipeline_counts_rejections_under_their_wakeword_id(model_path: Path, po
                                   {"phrase": "你好", "id": "hello"}]},
         "mqtt": {"enabled": False},
     })
-    daemon = Daemon(None, cfg, Notifier({}))
     session = ModelSession(cfg.model.path, cfg.model.providers, 1, cfg.model.max_batch)
-    pipeline = Pipeline(daemon, cfg, session)
-    hub = AudioHub((), threading.Event())
-    silence = np.zeros(16000, dtype=np.float32)
+    hub = AudioHub((), threading.Event(), remote_limits=RemoteLimits(buffer_seconds=30.0, max_speed=1000.0))
+    metrics = Metrics()
+    pipeline = Pipeline(hub, Parts(session, Detector(session, cfg.detector), SegmentRecorder(cfg.segments)),
+                        metrics=metrics)
+    hall = hub.remote("hall", "test")
+    silence = np.zeros(16000, dtype=np.int16)
     for path in positives[:2]:  # a pass per recording: each adds only what is new since the last
-        pipeline.satellite_frame("hall", np.concatenate([read_wav(path), silence]))
-        pipeline.run_once(hub)
+        hall.write(np.concatenate([read_wav(path).astype(np.int16), silence]), 16000)
+        pipeline.run_once()
     counts = pipeline.detector.rejected("hall")
     assert counts["hey-xiaoyun"] >= 2 and pipeline.detections == 0, counts
-    assert daemon.metrics.summary()["rejected"] == {"hall": {k: n for k, n in counts.items() if n}}
+    assert metrics.summary()["rejected"] == {"hall": {k: n for k, n in counts.items() if n}}
     # The stream restarts (its device was reopened): its decoder counts from zero again, and the metric goes on
     # adding the new rejections instead of waiting until they pass the old total.
     before = counts["hey-xiaoyun"]
-    pipeline.detector.reset_stream("hall")
-    pipeline.satellite_frame("hall", np.concatenate([read_wav(positives[0]), silence]))
-    pipeline.run_once(hub)
+    pipeline.sites["hall"].reset(pipeline.detector, pipeline.sites["hall"].next_sample)
+    hall.write(np.concatenate([read_wav(positives[0]).astype(np.int16), silence]), 16000)
+    pipeline.run_once()
     again = pipeline.detector.rejected("hall")["hey-xiaoyun"]
     assert 0 < again < before + 1
-    assert daemon.metrics.summary()["rejected"]["hall"]["hey-xiaoyun"] == before + again
+    assert metrics.summary()["rejected"]["hall"]["hey-xiaoyun"] == before + again
+
+
+def test_process_build_and_health_metrics_are_exposed() -> None:
+    """What an operator needs to see what is down: process figures, the build, the broker and each input."""
+    m = Metrics()
+    connected = [False]
+    m.read_broker_connected(lambda: connected[0])
+    m.set_input_up("usb-mic", False)
+    m.observe_wake_latency(0.31)
+    m.add_published(5)
+    m.add_dropped(1)
+    _, port = m.serve("127.0.0.1", 0)
+    try:
+        got = _scrape(port)
+        assert got[("kwsd_broker_connected", ())] == 0
+        assert got[("kwsd_input_up", (("input", "usb-mic"),))] == 0
+        assert got[("kwsd_wake_latency_seconds_bucket", (("le", "0.35"),))] == 1
+        assert got[("kwsd_wake_latency_seconds_bucket", (("le", "0.3"),))] == 0
+        assert got[("kwsd_published_messages_total", ())] == 5
+        assert got[("kwsd_dropped_messages_total", ())] == 1
+        assert got[("process_resident_memory_bytes", ())] > 10e6
+        assert got[("process_cpu_seconds_total", ())] > 0
+        assert [k for k in got if k[0] == "kwsd_build_info" and ("version", __version__) in k[1]]
+        connected[0] = True
+        m.set_input_up("usb-mic", True)
+        got = _scrape(port)
+        assert got[("kwsd_broker_connected", ())] == 1
+        assert got[("kwsd_input_up", (("input", "usb-mic"),))] == 1
+    finally:
+        m.close()

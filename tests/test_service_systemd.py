@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kwsd.lifecycle import WAITING, Backoff, Liveness, Part, supervise
 from kwsd.systemd import Notifier, Watchdog
 from tests.fixtures_systemd import NotifySocket
 
@@ -64,7 +65,7 @@ def test_outside_systemd_everything_is_a_noop() -> None:
     notifier.stopping()
     notifier.status("x")
     notifier.watchdog()
-    assert not Watchdog(notifier, ("capture",)).poll()
+    assert not Watchdog(notifier, Liveness()).poll()
 
 
 def test_unreachable_socket_is_logged_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -112,63 +113,74 @@ class Clock:
         return self.now
 
 
-def test_watchdog_pings_only_while_every_heartbeat_advances(
+def test_watchdog_pings_only_while_no_part_is_overdue(
     notify_socket: NotifySocket, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="kwsd.systemd")
     notifier = Notifier(notify_socket.env(WATCHDOG_USEC="2000000"))  # ping every second
     clock = Clock()
-    dog = Watchdog(notifier, ("capture", "detector"), clock=clock)
+    live = Liveness(clock)
+    dog = Watchdog(notifier, live, clock=clock)
     assert dog.interval == 1.0
 
-    dog.beat("capture")
-    dog.beat("detector")
+    live.beat("pipeline", within=2.0)
+    live.beat("input:usb", within=6.0)
     assert not dog.poll()  # not due yet
     clock.now += 1.0
     assert dog.poll()
     assert notify_socket.recv() == {"WATCHDOG": "1"}
 
-    # The detector hangs; capture keeps going: no ping, and the log says which one is stuck, once.
+    # The mic is unplugged: the input waits for it on schedule (a known state), so pings go on.
+    for _ in range(5):
+        clock.now += 1.0
+        live.beat("pipeline", within=2.0)
+        live.beat("input:usb", within=3.0, state=WAITING, detail="waiting for pulse device 'usb'")
+        assert dog.poll()
+    assert len(notify_socket.drain()) == 5
+
+    # The pipeline hangs (no beat past its promise): no ping, and the log says which part, once.
+    clock.now += 1.0
     for _ in range(3):
         clock.now += 1.0
-        dog.beat("capture")
+        live.beat("input:usb", within=3.0, state=WAITING)
         assert not dog.poll()
-    assert dog.stuck() == ("detector",)
+    assert dog.late() == ("pipeline",)
     assert notify_socket.drain() == []
-    assert caplog.text.count("no progress from detector") == 1
+    assert caplog.text.count("withholding the watchdog ping: pipeline (running) overdue") == 1
 
     # It recovers: the next poll pings at once (a ping is overdue).
-    dog.beat("detector")
+    live.beat("pipeline", within=2.0)
     assert dog.poll()
     assert notify_socket.recv() == {"WATCHDOG": "1"}
-    assert "detector progressing again" in caplog.text
+    assert "pipeline alive again" in caplog.text
 
-    # Both stall: both are named.
+    # A part that failed and gave up (no restart promised) is late at once; a stopped one never is.
+    live.failed("mqtt", "OperationalError: disk I/O error", retry_in=None)
+    live.stopped("input:usb")
     clock.now += 1.0
+    live.beat("pipeline", within=2.0)
     assert not dog.poll()
-    assert "no progress from capture, detector" in caplog.text
+    assert "mqtt (failed: OperationalError: disk I/O error)" in caplog.text
 
 
-def test_watchdog_with_real_threads(notify_socket: NotifySocket) -> None:
-    """Two pipeline threads beat; the detector stops half-way; pings stop with it."""
+def test_watchdog_with_supervised_threads(notify_socket: NotifySocket) -> None:
+    """Two supervised parts beat; one of them hangs half-way; the pings stop with it."""
     notifier = Notifier(notify_socket.env(WATCHDOG_USEC="40000"))  # ping every 20 ms
-    dog = Watchdog(notifier, ("capture", "detector"))
+    live = Liveness()
+    dog = Watchdog(notifier, live)
     stop = threading.Event()
-    detector_alive = threading.Event()
-    detector_alive.set()
+    hang = threading.Event()
 
-    def run(name: str, alive: threading.Event | None) -> None:
-        while not stop.is_set():
-            if alive is None or alive.is_set():
-                dog.beat(name)
+    def body(part: Part) -> None:
+        while not part.stopping:
+            if part.name == "detector" and hang.is_set():
+                time.sleep(0.5)  # stuck in a step
+                continue
+            part.beat(within=0.05)
             time.sleep(0.002)
 
-    threads = [
-        threading.Thread(target=run, args=("capture", None)),
-        threading.Thread(target=run, args=("detector", detector_alive)),
-    ]
-    for t in threads:
-        t.start()
+    threads = [supervise(name, body, stop=stop, liveness=live, beat_within=0.05, backoff=Backoff(0.01, 0.01))
+               for name in ("capture", "detector")]
     try:
         pings_alive = received = 0
         deadline = time.monotonic() + 0.3
@@ -176,8 +188,8 @@ def test_watchdog_with_real_threads(notify_socket: NotifySocket) -> None:
             pings_alive += dog.poll()
             received += len(notify_socket.drain())  # systemd reads as they come
             time.sleep(0.005)
-        detector_alive.clear()
-        time.sleep(0.03)  # let a beat already under way land
+        hang.set()
+        time.sleep(0.08)  # past the detector's promise
         dog.poll()
         received += len(notify_socket.drain())
         pings_stalled = 0
@@ -213,34 +225,3 @@ def test_full_socket_queue_does_not_block(notify_socket: NotifySocket, caplog: p
     assert not blocked
     assert len(received) >= queue_length - 1
     assert any("WATCHDOG=1" in r.getMessage() for r in caplog.records)
-
-
-def test_watchdog_needs_names() -> None:
-    with pytest.raises(ValueError, match="heartbeat"):
-        Watchdog(Notifier({}), ())
-
-
-def test_watchdog_follows_a_reload_that_adds_or_removes_capture(notify_socket: NotifySocket) -> None:
-    """A reload to satellites only must not leave a capture heartbeat nobody beats (systemd would kill the
-    daemon); one that adds the first input gets one interval of grace, then capture must beat."""
-    notifier = Notifier(notify_socket.env(WATCHDOG_USEC="2000000"))
-    clock = Clock()
-    dog = Watchdog(notifier, ("capture", "pipeline"), clock=clock)
-    dog.watch(("pipeline",))  # every local input removed
-    clock.now += 1.0
-    dog.beat("pipeline")
-    assert dog.stuck() == ()
-    assert dog.poll()
-    dog.watch(("capture", "pipeline"))  # an input added: capture has one interval to start
-    clock.now += 1.0
-    dog.beat("pipeline")
-    assert dog.poll()
-    clock.now += 1.0
-    dog.beat("pipeline")
-    assert dog.stuck() == ("capture",)
-    assert not dog.poll()
-    dog.beat("capture")
-    assert dog.poll()
-    assert [m for m in notify_socket.drain() if m == {"WATCHDOG": "1"}] == [{"WATCHDOG": "1"}] * 3
-    with pytest.raises(ValueError):
-        dog.watch(())

@@ -60,6 +60,8 @@ def test_security_exposure_is_low(tmp_path: Path) -> None:
     match = re.search(r"Overall exposure level for kwsd\.service:\s*([0-9.]+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 3.0, result.stdout
+    for key in ("RemoveIPC=", "PrivateMounts=", "ProtectSystem=", "NoNewPrivileges="):
+        assert re.search(rf"✓ {key}", result.stdout), f"{key} not counted as set: {result.stdout}"
 
 
 def _settings() -> dict[str, list[str]]:

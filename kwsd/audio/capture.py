@@ -16,7 +16,6 @@ import logging
 import sys
 import threading
 import time
-import wave
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ import numpy as np
 from kwsd.audio import portaudio
 from kwsd.audio.resample import StreamResampler
 from kwsd.audio.ring import Ring
+from kwsd.audio.wavfile import AUDIO_SUFFIXES, AudioFileError, AudioReader
+from kwsd.lifecycle import RUNNING, WAITING, Finished, Liveness, Part, describe, supervise
 from kwsd.settings import InputSettings
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def resolve_kind(settings: InputSettings) -> Kind:
     dev = settings.device
     if dev == "-":
         return "stdin"
-    if dev.lower().endswith((".wav", ".wave")) or "/" in dev or Path(dev).is_file():
+    if dev.lower().endswith(AUDIO_SUFFIXES) or "/" in dev or Path(dev).is_file():
         return "file"
     if ":" in dev or dev in _ALSA_WORDS:
         return "alsa"
@@ -113,6 +114,9 @@ class _DeviceSource(_Source):
             self.rate = settings.rate or src.rate
             self.channels = settings.channels or max(src.channels, needed)
         else:
+            problem = portaudio.capture_problem(dev)  # before PortAudio, which prints its own failures to stderr
+            if problem is not None:
+                raise DeviceError(problem)
             self.channels = settings.channels or needed
             self.rate = settings.rate or self._probe_rate(sd, device_index)
         if needed > self.channels:
@@ -190,17 +194,15 @@ class _ReplaySource(_Source):
         self._backlog = backlog
         self._halt = halt
         self._fh: BinaryIO
-        self._wav: wave.Wave_read | None = None
+        self._wav: AudioReader | None = None
         if kind == "file":
             path = Path(settings.device)
             try:
-                self._wav = wave.open(str(path), "rb")
-            except (OSError, EOFError, wave.Error) as exc:
-                raise DeviceError(f"cannot replay {path}: {exc}") from exc
-            if self._wav.getsampwidth() != 2:
-                raise DeviceError(f"cannot replay {path}: only 16-bit PCM WAV is supported")
-            self.rate = self._wav.getframerate()
-            self.channels = self._wav.getnchannels()
+                self._wav = AudioReader(path)
+            except AudioFileError as exc:
+                raise DeviceError(f"cannot replay {exc}") from exc
+            self.rate = self._wav.rate
+            self.channels = self._wav.channels
             if settings.rate and settings.rate != self.rate:
                 raise DeviceError(f"{path} is {self.rate} Hz but the input says rate {settings.rate}")
         else:
@@ -221,7 +223,7 @@ class _ReplaySource(_Source):
 
     def _read(self, frames: int) -> bytes:
         if self._wav is not None:
-            return self._wav.readframes(frames)
+            return self._wav.read_int16(frames)
         return self._fh.read(frames * 2 * self.channels)
 
     def _feed(self) -> None:
@@ -251,7 +253,7 @@ class _ReplaySource(_Source):
                 self.ring.write(frames)
                 self._wake()
                 sent += frames.shape[0]
-        except (OSError, ValueError, wave.Error) as exc:
+        except (OSError, ValueError) as exc:  # AudioFileError is a ValueError
             self.failure = f"reading {self.settings.device}: {exc}"
         self.finished = True
         self._wake()
@@ -267,24 +269,33 @@ class _ReplaySource(_Source):
             self._wav.close()
 
 
-class InputWorker(threading.Thread):
-    """Runs one input for its whole life; see the module docstring."""
+class InputWorker:
+    """Runs one input for its whole life on a supervised thread (``lifecycle.supervise``); see the module
+    docstring. Its liveness part is ``input:<label>``: beating while it delivers, waiting (with the time of the
+    next attempt) while its device is away, so the watchdog knows it is in a known state either way."""
 
     def __init__(
         self,
         settings: InputSettings,
         stop: threading.Event,
         notify: Callable[[InputWorker], None],
+        liveness: Liveness | None = None,
+        part_name: str | None = None,
     ) -> None:
-        super().__init__(name=f"kwsd-input-{settings.label}", daemon=True)
         self.settings = settings
         self.kind: Kind = resolve_kind(settings)
         self.site_channels = settings.site_map()
+        self.part_name = part_name or f"input:{settings.label}"
+        """The name this input beats under in the liveness registry."""
+        self.liveness = liveness if liveness is not None else Liveness()
         self._stop_all = stop
         self._halt = threading.Event()
         self._wake = threading.Event()
         self._gone = threading.Event()
         self._notify = notify
+        self._thread: threading.Thread | None = None
+        self._part: Part | None = None
+        self._last_beat = 0.0
         cap = max(1, int(settings.buffer_seconds * RATE))
         self.rings: dict[str, Ring] = {site: Ring(cap, 1, np.int16) for site in self.site_channels.values()}
         self.cursors: dict[str, int] = dict.fromkeys(self.rings, 0)
@@ -295,6 +306,23 @@ class InputWorker(threading.Thread):
         self._source_overruns = 0
         self._native_cursor = 0
         self._delivered_since_open = False
+
+    def start(self) -> None:
+        """Start the input's supervised thread."""
+        if self._thread is None:
+            self._thread = supervise(self.part_name, self._body, stop=self._halt, liveness=self.liveness,
+                                     beat_within=self._running_within(), logger=log)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _running_within(self) -> float:
+        # The pump checks its source at least every 0.25 s and gives up on a silent one after stall_timeout.
+        return self.settings.stall_timeout + 5.0
 
     # ---- reader side -------------------------------------------------------------------------------------
     def read(self, site: str) -> tuple[np.ndarray, int]:
@@ -318,6 +346,7 @@ class InputWorker(threading.Thread):
 
     # ---- control -----------------------------------------------------------------------------------------
     def halt(self) -> None:
+        """Stop the input (its thread ends within a fraction of a second; ``join`` to wait)."""
         self._halt.set()
         self._wake.set()
 
@@ -328,41 +357,63 @@ class InputWorker(threading.Thread):
         if self.settings.device in present:
             if self.status.state == "reopening":
                 self._wake.set()
-        elif self.status.state == "running":
+        elif self._source is not None:  # open (delivering or not yet): reopen it now
             self._gone.set()
             self._wake.set()
 
     def _stopping(self) -> bool:
-        return self._halt.is_set() or self._stop_all.is_set()
+        if self._stop_all.is_set():
+            self._halt.set()  # the daemon stops: so does this input's supervised loop
+        return self._halt.is_set()
 
     def _set_state(self, state: State, error: str = "") -> None:
+        """Record the input's state; the journal hears of each change of state once (a new error text while
+        the state stays the same goes to the debug log)."""
         st = self.status
         if state == st.state and error == st.last_error:
             return
+        changed = state != st.state
         st.state = state
         st.since = time.monotonic()
         if error:
             st.last_error = error
-        if state in ("running", "finished", "stopped"):
+        if not changed:
+            log.debug("input %s: still %s: %s", st.name, state, error)
+        elif state in ("running", "finished", "stopped"):
             log.info("input %s: %s (%s, %d Hz, %d ch)", st.name, state, self.kind, st.rate, st.channels)
         elif state == "reopening":
             log.warning("input %s: reopening: %s", st.name, error)
         else:
             log.error("input %s: %s: %s", st.name, state, error)
 
+    def _beat(self, within: float | None = None, state: str = RUNNING, detail: str = "", force: bool = False) -> None:
+        """Tell the liveness registry where this input stands (at most every 0.1 s while running)."""
+        part = self._part
+        if part is None:
+            return
+        now = time.monotonic()
+        if force or state != RUNNING or now - self._last_beat >= 0.1:
+            self._last_beat = now
+            part.beat(within, state, detail)
+
     # ---- the input's thread ------------------------------------------------------------------------------
-    def run(self) -> None:
+    def _body(self, part: Part) -> None:
+        """The supervised body: open, pump, reopen with backoff; ends with ``Finished`` when a replay ends."""
+        self._part = part
         lo, hi = self.settings.reopen_backoff
         backoff = lo
+        waiting = f"waiting for {self.kind} device {self.settings.device!r}"
         try:
             while not self._stopping():
+                self._beat(backoff + 15.0, WAITING, f"opening {self.settings.device!r}", force=True)
                 try:
                     self._source = self._open()
                 except DeviceError as exc:
                     if self.kind in ("file", "stdin"):
                         self._set_state("failed", str(exc))
-                        return
+                        raise Finished from exc
                     self._set_state("reopening", str(exc))
+                    self._beat(backoff + 5.0, WAITING, waiting)
                     self._sleep(backoff)
                     backoff = min(backoff * 2, hi)
                     continue
@@ -370,22 +421,25 @@ class InputWorker(threading.Thread):
                 st = self.status
                 st.rate, st.channels = self._source.rate, self._source.channels
                 self._set_state("running")
+                self._beat(force=True)
                 outcome = self._pump(self._source)
                 self._close()
                 if outcome == "finished":
                     self._set_state("finished")
-                    return
+                    raise Finished
                 if outcome == "stopped":
                     break
                 st.reopens += 1
                 self._set_state("reopening", outcome)
                 if self._delivered_since_open:
                     backoff = lo
+                self._beat(backoff + 5.0, WAITING, waiting)
                 self._sleep(backoff)
                 backoff = min(backoff * 2, hi)
-        except Exception as exc:  # a bug must not take the other inputs down
-            log.exception("input %s failed", self.status.name)
-            self._set_state("failed", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            if not isinstance(exc, Finished):  # a bug: the supervisor logs it and restarts the input
+                self._set_state("failed", describe(exc))
+            raise
         finally:
             self._close()
             if self._device_index is not None:
@@ -440,6 +494,7 @@ class InputWorker(threading.Thread):
         while True:
             if self._stopping():
                 return "stopped"
+            self._beat()
             self._wake.clear()  # before reading: a delivery from now on makes the wait below return at once
             data, start = src.ring.read(self._native_cursor)
             if data.shape[0]:

@@ -7,11 +7,19 @@ file of its own (via ``ALSA_CONFIG_PATH``, after the system's ``alsa.conf``) tha
 device "<source>"`` or ``type empty; slave.pcm "<alsa name>"``) and opens it. alsa-lib re-reads a changed config
 file on every ``snd_pcm_open``, so any number of named sources can be opened, and later ones added, in one process
 without re-initialising PortAudio (which would close every running stream).
+
+alsa-lib prints its own errors to stderr (about 30 lines for each failed open of ``default`` on a host without a
+sound card, PortAudio adding its own): kwsd installs an alsa-lib error handler that keeps the last messages for one
+DEBUG line instead, and checks that an ALSA name opens (quietly, through alsa-lib) before PortAudio tries it.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
+import ctypes
+import ctypes.util
+import glob
 import logging
 import os
 import shutil
@@ -43,6 +51,98 @@ def alias_pcm(name: str) -> str:
     return f"type empty; slave.pcm {_quote(name)}"
 
 
+# --- alsa-lib, quietly ------------------------------------------------------------------------------------------
+
+SND_PCM_STREAM_CAPTURE = 1
+SND_PCM_NONBLOCK = 1
+# void handler(const char *file, int line, const char *function, int err, const char *fmt, ...): the variadic
+# tail is not read, which the calling convention allows.
+_ERROR_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                  ctypes.c_char_p)
+_alsa_said: collections.deque[str] = collections.deque(maxlen=40)
+_alsa: ctypes.CDLL | None = None
+_handler_ref: object = None
+
+
+def _on_alsa_error(file: bytes | None, line: int, function: bytes | None, err: int, fmt: bytes | None) -> None:
+    where = f"{(file or b'?').decode(errors='replace')}:{line}"
+    text = (fmt or b"").decode(errors="replace").replace("%s", "…").replace("%d", "…").strip()
+    _alsa_said.append(f"{where} {text}")
+
+
+def quiet_alsa() -> ctypes.CDLL | None:
+    """Route alsa-lib's error messages to ``alsa_messages()`` instead of stderr; the library, or None if absent.
+
+    Idempotent. Must run before PortAudio opens anything, in the process that captures.
+    """
+    global _alsa, _handler_ref
+    if _alsa is not None:
+        return _alsa
+    name = ctypes.util.find_library("asound") or "libasound.so.2"
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        log.debug("alsa-lib (%s) cannot be loaded", name)
+        return None
+    handler = _ERROR_HANDLER(_on_alsa_error)
+    lib.snd_lib_error_set_handler(handler)
+    lib.snd_strerror.restype = ctypes.c_char_p
+    _alsa, _handler_ref = lib, handler
+    return lib
+
+
+def alsa_messages() -> list[str]:
+    """alsa-lib's messages since the last call (oldest first), cleared."""
+    said = list(_alsa_said)
+    _alsa_said.clear()
+    return said
+
+
+def sound_cards() -> list[str]:
+    """The capture PCM device nodes of the host's sound cards (``/dev/snd/pcmC<card>D<dev>c``)."""
+    return sorted(glob.glob("/dev/snd/pcmC*D*c"))
+
+
+def alsa_open_problem(name: str) -> str | None:
+    """Why the ALSA pcm ``name`` cannot be opened for capture (alsa-lib's reason), or None if it opens.
+
+    Opens and closes it at once, non-blocking, through alsa-lib with its messages kept off stderr, so that
+    PortAudio is only asked for devices that exist.
+    """
+    lib = quiet_alsa()
+    if lib is None:
+        return None  # no alsa-lib to ask: let PortAudio say what is wrong
+    pcm = ctypes.c_void_p()
+    err = lib.snd_pcm_open(ctypes.byref(pcm), name.encode(), SND_PCM_STREAM_CAPTURE, SND_PCM_NONBLOCK)
+    if err < 0:
+        return str(lib.snd_strerror(err).decode(errors="replace"))
+    lib.snd_pcm_close(pcm)
+    return None
+
+
+def capture_problem(name: str) -> str | None:
+    """None if the ALSA pcm ``name`` opens for capture, else one line saying why and what to do.
+
+    alsa-lib's own messages about the attempt go to one DEBUG line.
+    """
+    problem = alsa_open_problem(name)
+    said = alsa_messages()
+    if problem is None:
+        return None
+    if said:
+        log.debug("alsa-lib on %r: %s", name, "; ".join(said))
+    hint = "`kwsd devices` lists what can be named"
+    if not sound_cards():
+        from kwsd.audio import pulse
+
+        try:
+            pulse.connect("kwsd-probe").close()
+        except pulse.PulseError:
+            return f"no capture device {name!r}: no sound card and no PulseAudio server; {hint}"
+        return f"no capture device {name!r}: no sound card, and ALSA has no {name!r} ({problem}); {hint}"
+    return f"ALSA device {name!r} cannot be opened: {problem}; {hint}"
+
+
 class _Slots:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -66,6 +166,7 @@ class _Slots:
             return self._sd
 
     def _install(self) -> None:
+        quiet_alsa()
         self._dir = Path(tempfile.mkdtemp(prefix="kwsd-alsa-"))
         atexit.register(shutil.rmtree, self._dir, True)
         self._write()

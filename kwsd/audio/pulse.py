@@ -12,6 +12,8 @@ from typing import Any
 import pulsectl
 from pulsectl import _pulsectl as _c
 
+from kwsd.lifecycle import WAITING, Backoff, Liveness, Part, supervise
+
 log = logging.getLogger(__name__)
 
 
@@ -78,44 +80,58 @@ def find_source(name: str) -> PulseSource:
     raise LookupError(f"PulseAudio source {name!r} not found (sources now: {known})")
 
 
-class SourceWatcher(threading.Thread):
+class SourceWatcher:
     """Calls ``on_change(names)`` with the set of source names now present whenever sources come or go.
 
-    Reconnects to the server with backoff if it goes away; ``stop`` ends it within about half a second.
+    Runs on a supervised thread (``lifecycle.supervise``, part ``pulse-watch``): it beats while connected and
+    waits on schedule, with backoff, while the server is unreachable; ``stop`` ends it within about half a
+    second.
     """
 
-    def __init__(self, on_change: Callable[[set[str]], None], stop: threading.Event) -> None:
-        super().__init__(name="kwsd-pulse-watch", daemon=True)
+    PART = "pulse-watch"
+
+    def __init__(self, on_change: Callable[[set[str]], None], stop: threading.Event,
+                 liveness: Liveness | None = None) -> None:
         self._on_change = on_change
         self._stop_event = stop
-        self._halt = threading.Event()
+        self.liveness = liveness if liveness is not None else Liveness()
+        self._thread: threading.Thread | None = None
 
-    def halt(self) -> None:
-        self._halt.set()
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = supervise(self.PART, self._body, stop=self._stop_event, liveness=self.liveness,
+                                     beat_within=10.0, logger=log)
 
-    def _stopping(self) -> bool:
-        return self._halt.is_set() or self._stop_event.is_set()
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
-    def run(self) -> None:
-        backoff = 0.5
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _body(self, part: Part) -> None:
+        backoff = Backoff(0.5, 10.0)
         connected_once = False
-        while not self._stopping():
+        while not part.stopping:
             try:
                 with _Pulse("kwsd-watch") as pulse:
                     if connected_once:
                         log.info("PulseAudio server reachable again")
                     connected_once = True
-                    backoff = 0.5
-                    self._watch(pulse)
-            except pulsectl.PulseError as exc:
+                    backoff.reset()
+                    self._watch(pulse, part)
+            except (pulsectl.PulseError, pulsectl.PulseDisconnected) as exc:
+                if part.stopping:
+                    break
                 log.debug("PulseAudio watcher: %s", exc)
                 if connected_once:
                     log.warning("lost the PulseAudio server (%s); retrying", exc)
                     connected_once = False
-                self._halt.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                delay = backoff.next()
+                part.beat(delay + 10.0, WAITING, f"waiting for the PulseAudio server: {exc}")
+                part.wait(delay)
 
-    def _watch(self, pulse: Any) -> None:
+    def _watch(self, pulse: Any, part: Part) -> None:
         changed = [True]
 
         def on_event(ev: Any) -> None:
@@ -124,7 +140,8 @@ class SourceWatcher(threading.Thread):
 
         pulse.event_mask_set("source", "server")
         pulse.event_callback_set(on_event)
-        while not self._stopping():
+        while not part.stopping:
+            part.beat()
             if changed[0]:
                 changed[0] = False
                 names = {s.name for s in pulse.source_list_spec()}

@@ -38,7 +38,14 @@ def _load_settings(args: argparse.Namespace) -> Settings:
     if args.threshold is not None:
         det = dataclasses.replace(det, keywords=tuple(
             dataclasses.replace(k, threshold=args.threshold) for k in det.keywords))
-    model = base.model if args.model is None else dataclasses.replace(base.model, path=args.model)
+    if args.model is not None:
+        model = dataclasses.replace(base.model, path=args.model)
+    elif args.config is None:  # no config: the installed model or the checkout's, from any folder
+        from kwsd.model.locate import default_model
+
+        model = dataclasses.replace(base.model, path=default_model())
+    else:
+        model = base.model
     if args.provider:
         model = dataclasses.replace(model, providers=tuple(args.provider))
     return dataclasses.replace(base, detector=det, model=model)
@@ -56,9 +63,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable)")
 
 
+def _plot_file(value: str) -> Path:
+    """``--plot FILE``, refused before any work when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise argparse.ArgumentTypeError("matplotlib is not installed: pip install 'kwsd[plot]'") from None
+    return Path(value)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("detect", help="detect keywords in recordings; prints one JSON object per detection")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="WAV files (any rate and channel count)")
+    p = sub.add_parser(
+        "detect", help="detect keywords in recordings; prints one JSON object per detection",
+        description="Run the detector over recordings as a live stream would hear them and print one JSON "
+        "object per detection (file, keyword, wakewordId, score, threshold, start, end in seconds). Without "
+        "--model or --config the model is found in ./models, /etc/kwsd/config.yaml's model.path, /opt/kwsd/models "
+        "or this checkout's models/. Exit status 1 when a file cannot be read.")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                   help="recordings: WAV (any layout), FLAC, OGG, MP3; any rate and channel count")
     _common(p)
     p.add_argument("--channel", type=int, default=0, help="channel to listen to (default 0)")
     p.add_argument("--mix", action="store_true", help="listen to the mean of all channels instead")
@@ -67,15 +89,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "blocks; detections do not depend on it)")
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("eval", help="DET table per keyword (recall vs false alarms per threshold) on labelled "
-                                    "recordings")
+    p = sub.add_parser(
+        "eval", help="DET table per keyword (recall vs false alarms per threshold) on labelled recordings",
+        description="Score folders of recordings that contain a keyword and folders that do not, and print per "
+        "keyword the recall, false alarms and false alarms per hour for thresholds from 0.05 to 0.95: choose the "
+        "threshold from it. Positives are scored at every 10 ms offset of the model's 30 ms frames; the audio "
+        "streams through the model, so hours of negatives fit in a few hundred MB.")
     _common(p)
     p.add_argument("--positive", action="append", required=True, metavar="[ID=]DIR",
                    help="folder of WAVs that say a keyword (repeatable); ID= names the keyword's wakewordId, "
                         "without it the folder counts for every keyword")
     p.add_argument("--negative", action="append", required=True, type=Path, metavar="DIR",
                    help="folder of WAVs that say no keyword (repeatable)")
-    p.add_argument("--plot", type=Path, help="write the DET curves to this PNG file")
+    p.add_argument("--plot", type=_plot_file, help="write the DET curves to this PNG file (needs kwsd[plot])")
     p.add_argument("--json", action="store_true", help="print the tables, false alarms and misses as JSON")
     p.add_argument("--explain", action="store_true",
                    help="list every false alarm (file, time, score) and every missed positive (best score) at the "

@@ -31,6 +31,11 @@ class ModelError(RuntimeError):
     """The model file cannot be used; the message names the file and the problem."""
 
 
+def gpu_present() -> bool:
+    """Whether the host has an NVIDIA GPU at all (the driver's control device or its /proc entry)."""
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
 def _create_session(path: str, options: Any, providers: list[str]) -> Any:
     """The seam where the runtime session is created (tests substitute a GPU-less stand-in here)."""
     import onnxruntime as ort
@@ -188,7 +193,7 @@ class ModelSession:
                         "other's files: keep one (`scripts/setup` or `scripts/setup --gpu` reinstalls the right one)")
         gpus = gpu_count()
         package, cuda_version = runtime_build()
-        if gpus == 0:
+        if gpus == 0 and not gpu_present():
             self.provider_note = "no NVIDIA GPU found"
             log.debug("no NVIDIA GPU (libcuda.so.1 absent or no device): not trying %s", CUDA)
             return [p for p in wanted if p != CUDA]

@@ -8,13 +8,20 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from kwsd.model import EXAMPLE_ENV
+
 SOURCE_ENV = "KWSD_MODEL_SOURCE"
 DEFAULT_UPSTREAM_DIR = Path("models/upstream")
+AIR_GAPPED_HINT = (f"hosts without access to it: set {SOURCE_ENV}=/path/to/mirror (a copy of the upstream "
+                   "model repository, same relative paths) or pass --source")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``model`` command group; each entry of SUBCOMMANDS adds one subcommand."""
-    parser = subparsers.add_parser("model", help="fetch and prepare the keyword model")
+    parser = subparsers.add_parser(
+        "model", help="fetch and prepare the keyword model",
+        description="Fetch the upstream model files (verified against models/manifest.json) and export them to "
+        "the streaming ONNX the daemon runs. scripts/setup runs both.")
     sub = parser.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
     for add in SUBCOMMANDS:
         add(sub)
@@ -44,6 +51,10 @@ def add_fetch(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also fetch the optional PyTorch checkpoints (*.pt)",
     )
+    parser.add_argument("--retries", type=int, default=5, metavar="N",
+                        help="retries per file after a failed transfer, with backoff from 1 s (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                        help="seconds to wait for a connection or for data (default: %(default)s)")
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -54,14 +65,20 @@ def add_fetch(sub: argparse._SubParsersAction) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from kwsd.model.fetch import FetchedFile, FetchError, fetch_files
+    from kwsd.model.fetch import FetchedFile, FetchError, Unreachable, fetch_files
     from kwsd.model.manifest import ManifestError
 
     source = args.source or os.environ.get(SOURCE_ENV) or None
 
     def report(result: FetchedFile) -> None:
-        word = "fetched" if result.status == "fetched" else "already present"
-        print(f"{word:<16} {result.path} ({result.size} bytes)", flush=True)
+        if result.status == "absent":
+            print(f"{'not in source':<16} {result.path} (optional; only a new export needs it: {EXAMPLE_ENV})",
+                  flush=True)
+        elif result.status == "skipped":
+            print(f"{'not fetched':<16} {result.path} (optional; every required file is present)", flush=True)
+        else:
+            word = "fetched" if result.status == "fetched" else "already present"
+            print(f"{word:<16} {result.path} ({result.size} bytes)", flush=True)
 
     try:
         fetch_files(
@@ -69,10 +86,14 @@ def run_fetch(args: argparse.Namespace) -> int:
             source,
             include_checkpoints=args.with_checkpoints,
             progress=args.progress,
+            retries=max(args.retries, 0),
+            timeout=args.timeout,
             on_file=report,
         )
     except (FetchError, ManifestError) as exc:
         print(f"kwsd model fetch: error: {exc}", file=sys.stderr)
+        if isinstance(exc, Unreachable) and (source is None or source.startswith(("http://", "https://"))):
+            print(f"kwsd model fetch: {AIR_GAPPED_HINT}", file=sys.stderr)
         return 1
     return 0
 

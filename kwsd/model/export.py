@@ -31,6 +31,7 @@ from kwsd.audio.wavfile import AudioFileError, read_wav
 from kwsd.kws.contract import INPUT_CACHE, INPUT_FEATS, OUTPUT_CACHE, OUTPUT_PROBS, ModelContract
 from kwsd.kws.decoder import KeywordError, load_tokens
 from kwsd.kws.features import FeatureConfig, offline_features
+from kwsd.model import example_hint
 from kwsd.model.nnet1 import Component, read_cmvn, read_nnet
 from kwsd.model.reference import forward
 
@@ -281,10 +282,11 @@ def export_model(upstream: Path, output: Path, example: Path | None = None) -> E
     for rel, p in paths.items():
         if not p.is_file():
             raise ExportError(f"{p}: missing upstream file {rel} (run `kwsd model fetch` first)")
+    given = example is not None
     example = example or upstream / EXAMPLE_FILE
     if not example.is_file():
-        raise ExportError(f"{example}: the example recording is needed to verify the export "
-                          f"(fetch {EXAMPLE_FILE} or pass --example)")
+        where = f"{example} does not exist" if given else f"{upstream} lacks {EXAMPLE_FILE} (its source had none)"
+        raise ExportError(f"{where}: {example_hint(EXAMPLE_FILE)}")
     from kwsd.model.nnet1 import Nnet1Error
 
     try:
@@ -339,7 +341,7 @@ def export_model(upstream: Path, output: Path, example: Path | None = None) -> E
         greedy_text=text,
         ms_per_frame_cpu=ms,
     )
-    log.info("exported %s (%d bytes, %d parameters) in %.1f s; max |ONNX - numpy| = %.2g over %d frames; "
+    log.debug("exported %s (%d bytes, %d parameters) in %.1f s; max |ONNX - numpy| = %.2g over %d frames; "
              "chunks 1/7/50 differ by %.2g; example reads %r; %.3f ms per frame on CPU",
              output, report.size_bytes, report.params, report.seconds, diff, frames, chunk_diff, text, ms)
     return report

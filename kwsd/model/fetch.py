@@ -9,8 +9,10 @@ Sources:
 
 Every file is written to ``<name>.part`` beside its destination, checked against the manifest's size and
 sha256, then renamed into place, so the destination only ever holds verified files. Files already present and
-valid are left alone. Downloads use timeouts, retries with exponential backoff, and resume an interrupted
-transfer with an HTTP Range request. Standard library only (urllib).
+valid are left alone; when every required file is, the source is not contacted at all (a set-up that is in place
+needs no network). Downloads use timeouts, retries with exponential backoff, and resume an interrupted transfer
+with an HTTP Range request; a refused connection or an unknown host fails at once. Standard library only
+(urllib).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import http.client
 import logging
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
@@ -50,14 +53,20 @@ class FileMissing(FetchError):
     """The source does not have the file at all (HTTP 404/410, or absent from the mirror folder)."""
 
 
+class Unreachable(FetchError):
+    """The server could not be reached (refused, unknown host) or kept failing after every retry."""
+
+
 @dataclass(frozen=True)
 class FetchedFile:
     path: str
     """Upstream path (``funasr/tokens_2599.txt``)."""
     local: Path
     """Where the verified file now is."""
-    status: Literal["fetched", "present"]
-    """``fetched`` when it was downloaded or copied now, ``present`` when a valid copy was already there."""
+    status: Literal["fetched", "present", "absent", "skipped"]
+    """``fetched`` when it was downloaded or copied now, ``present`` when a valid copy was already there;
+    for a file fetched only if the source has it, ``absent`` when the source lacks it and ``skipped`` when
+    it was not asked for because every required file was already present."""
     size: int
     """Size in bytes."""
 
@@ -83,7 +92,7 @@ def fetch_model(dest: Path, source: str | None = None, **options: Any) -> dict[s
     failed attempts per file are retried after ``backoff`` · 2^n seconds; ``timeout`` bounds every connect and
     read. Raises FetchError.
     """
-    return {r.path: r.local for r in fetch_files(dest, source, **options)}
+    return {r.path: r.local for r in fetch_files(dest, source, **options) if r.status in ("fetched", "present")}
 
 
 def fetch_files(
@@ -98,7 +107,7 @@ def fetch_files(
     manifest: Manifest | None = None,
     on_file: Callable[[FetchedFile], None] | None = None,
 ) -> list[FetchedFile]:
-    """Like ``fetch_model``, but say for each file whether it was fetched or already present.
+    """Like ``fetch_model``, but say for each file what happened to it (``FetchedFile.status``).
 
     ``on_file`` is called as soon as each file is in place (the command line prints one line per file).
     """
@@ -108,19 +117,30 @@ def fetch_files(
     dest = Path(dest)
     show = sys.stderr.isatty() if progress is None else progress
     obtain = _make_source(source, manifest, retries=retries, timeout=timeout, backoff=backoff)
+    selected = manifest.select(include_optional=include_checkpoints)
+    # Files fetched only if the source has them are not worth contacting the source for on their own.
+    complete = all(_check_existing(dest / e.local_path, e) for e in selected if not e.if_present)
     results: list[FetchedFile] = []
-    for entry in manifest.select(include_optional=include_checkpoints):
-        try:
-            result = _fetch_one(dest, entry, obtain, show)
-        except FileMissing as exc:
-            if not entry.if_present:
-                raise
-            log.info("%s (not needed from this source)", exc)
-            continue
+    for entry in selected:
+        target = dest / entry.local_path
+        if entry.if_present and complete and not target.exists():
+            result = FetchedFile(entry.path, target, "skipped", entry.size)
+        else:
+            try:
+                result = _fetch_one(dest, entry, obtain, show)
+            except FileMissing as exc:
+                if not entry.if_present:
+                    raise
+                log.debug("%s", exc)
+                result = FetchedFile(entry.path, target, "absent", entry.size)
         results.append(result)
         if on_file is not None:
             on_file(result)
     return results
+
+
+def _check_existing(path: Path, entry: ManifestFile) -> bool:
+    return path.is_file() and _check(path, entry) is None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -177,7 +197,7 @@ class _Source:
 
 
 def _fetch_one(dest: Path, entry: ManifestFile, source: _Source, show: bool) -> FetchedFile:
-    target = dest / entry.path
+    target = dest / entry.local_path
     if target.is_dir():
         raise FetchError(f"{entry.path}: {target} is a folder, expected the file")
     if target.exists():
@@ -310,6 +330,9 @@ def _download(
             else:
                 raise FetchError(f"{entry.path}: HTTP {exc.code} {exc.reason} from {url}") from exc
         except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ConnectionRefusedError | socket.gaierror):
+                host = urllib.parse.urlsplit(url).netloc
+                raise Unreachable(f"{entry.path}: cannot connect to {host}: {_reason(exc.reason)}") from exc
             reason = str(exc.reason)
         except (_Retry, http.client.HTTPException, OSError) as exc:  # timeouts, resets, short bodies
             reason = str(exc) or type(exc).__name__
@@ -323,7 +346,7 @@ def _download(
         now = part.stat().st_size if part.exists() else 0
         failures = 0 if now > have else failures + 1  # an attempt that made progress is not a failure
         if failures > retries:
-            raise FetchError(f"{entry.path}: download from {url} failed after {retries} retries: {reason}")
+            raise Unreachable(f"{entry.path}: download from {url} failed after {retries} retries: {reason}")
         if failures:
             delay = min(backoff * 2 ** (failures - 1), MAX_BACKOFF)
             log.warning(
@@ -339,6 +362,11 @@ def _download(
             time.sleep(delay)
         else:
             log.warning("%s: %s; resuming at byte %d of %d", entry.path, reason, now, entry.size)
+
+
+def _reason(exc: OSError) -> str:
+    """``Connection refused`` rather than ``[Errno 111] Connection refused``."""
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _get_once(url: str, entry: ManifestFile, part: Path, have: int, bar: _Progress, timeout: float) -> None:

@@ -35,6 +35,13 @@ class ManifestFile:
     """Fetched by default; optional files (the PyTorch checkpoints) only on request."""
     if_present: bool = False
     """Fetched by default, but a source without it is no error (the example recording; mirrors may lack it)."""
+    local: str = ""
+    """Where the file is stored under the destination folder, ``/``-separated; empty: the upstream ``path``."""
+
+    @property
+    def local_path(self) -> str:
+        """The path under the destination folder: ``local``, else the upstream ``path``."""
+        return self.local or self.path
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ class Manifest:
 
 
 _TOP_KEYS = {"repository", "revision", "license", "files"}
-_FILE_KEYS = {"path", "size", "sha256", "required", "if_present"}
+_FILE_KEYS = {"path", "size", "sha256", "required", "if_present", "local"}
 
 
 def load_manifest(path: str | Path | None = None) -> Manifest:
@@ -102,6 +109,7 @@ def parse_manifest(data: Any, source: str = "<manifest>") -> Manifest:
 
     files: list[ManifestFile] = []
     seen: set[str] = set()
+    stored: set[str] = set()
     for i, item in enumerate(raw_files):
         key = f"files[{i}]"
         if not isinstance(item, dict):
@@ -127,7 +135,14 @@ def parse_manifest(data: Any, source: str = "<manifest>") -> Manifest:
         if_present = item.get("if_present", False)
         if not isinstance(if_present, bool):
             raise fail(f"{key}.if_present", f"expected true or false, got {if_present!r}")
-        files.append(ManifestFile(path=rel, size=size, sha256=digest, required=required, if_present=if_present))
+        local = item.get("local", "")
+        if not isinstance(local, str) or (local and not _safe_relative(local)):
+            raise fail(f"{key}.local", f"expected a relative '/'-separated path, got {local!r}")
+        if (local or rel) in stored:
+            raise fail(f"{key}.local", f"{local or rel} is stored twice")
+        stored.add(local or rel)
+        files.append(ManifestFile(path=rel, size=size, sha256=digest, required=required, if_present=if_present,
+                                  local=local))
     return Manifest(repository=repository, revision=revision, files=tuple(files), license=license_)
 
 

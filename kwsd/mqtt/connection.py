@@ -106,9 +106,11 @@ class Connection:
         liveness: Liveness,
         name: str = "mqtt",
         stop: threading.Event | None = None,
+        restart_backoff: Backoff | None = None,
     ) -> None:
         self.settings = settings
         self.outbox = outbox
+        self._restart_backoff = restart_backoff or Backoff(1.0, 30.0)
         self.owner = owner
         self.client_id = client_id
         self.will = will
@@ -141,7 +143,7 @@ class Connection:
             self._body,
             stop=self._halt,
             liveness=self.liveness,
-            backoff=Backoff(1.0, 30.0),
+            backoff=self._restart_backoff,
             beat_within=self.settings.connect_timeout + 2 * self.tick + 5.0,
             logger=log,
         )

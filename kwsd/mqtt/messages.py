@@ -7,18 +7,17 @@ Time fields carry their unit in the docstring; stream times are seconds since th
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
 import struct
-import wave
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from kwsd.audio import wavfile
 from kwsd.audio.resample import resample_once
 
 SAMPLE_RATE = 16000
@@ -542,14 +541,8 @@ def to_mono_16k(interleaved: np.ndarray, rate: int, channels: int) -> np.ndarray
 
 
 def to_wav(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> bytes:
-    """int16 samples (interleaved when ``channels`` > 1) → WAV bytes."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as wf:
-        wf.setnchannels(channels)
-        wf.setsampwidth(2)
-        wf.setframerate(sample_rate)
-        wf.writeframes(np.ascontiguousarray(samples, dtype="<i2").tobytes())
-    return buf.getvalue()
+    """int16 samples (interleaved when ``channels`` > 1) → WAV bytes (the one writer: ``kwsd.audio.wavfile``)."""
+    return wavfile.to_wav(samples, sample_rate, channels)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -600,7 +593,7 @@ class HaEventDiscovery:
             "availability_mode": "all",
             "device": {
                 "identifiers": [self.node_id],
-                "name": f"kwsd {self.node_id}",
+                "name": "kwsd" if self.node_id == "kwsd" else f"kwsd {self.node_id}",  # not "kwsd kwsd"
                 "manufacturer": "kwsd",
                 "model": "wake-word daemon",
                 "sw_version": self.sw_version,

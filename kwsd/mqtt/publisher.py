@@ -25,7 +25,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from kwsd import __version__
-from kwsd.lifecycle import ErrorOnce, Liveness, describe
+from kwsd.lifecycle import Backoff, ErrorOnce, Liveness, describe
 from kwsd.mqtt.connection import Connection, Session
 from kwsd.mqtt.messages import (
     AudioFrame,
@@ -122,6 +122,7 @@ class Publisher:
         on_toggle: ToggleCallback | None = None,
         satellite_audio: AudioCallback | None = None,
         name: str = "mqtt",
+        restart_backoff: Backoff | None = None,
     ) -> None:
         self.settings = settings
         if outbox is None:
@@ -163,6 +164,7 @@ class Publisher:
             liveness=self.liveness,
             name=name,
             stop=stop,
+            restart_backoff=restart_backoff,
         )
 
     # ---- lifecycle ---------------------------------------------------------------------------------------

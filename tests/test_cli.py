@@ -1,0 +1,120 @@
+"""The command line as a new user meets it: help texts, -v anywhere, the model found from any folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kwsd.__main__ import build_parser, subcommands
+from kwsd.kws.session import gpu_present
+from kwsd.model.locate import MODEL_NAME, default_model, model_candidates
+from tests.conftest import REPO
+
+EXAMPLE = "positive/kws_xiaoyunxiaoyun.wav"
+
+
+def kwsd(*args: str, cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    """``kwsd ARGS`` as the installed entry point runs it, from ``cwd``, without this test run's variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KWSD_")}
+    entry = Path(sys.prefix) / "bin" / "kwsd"
+    return subprocess.run([str(entry), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**clean, **env})
+
+
+def test_every_subcommand_help_has_a_description() -> None:
+    parser = build_parser()
+    names = []
+    for command in subcommands(parser):
+        names.append(command.prog)
+        assert command.description and len(command.description) > 40, f"{command.prog} --help has no description"
+        assert "-v, --verbose" in command.format_help(), command.prog
+    assert {"kwsd run", "kwsd check-config", "kwsd detect", "kwsd eval", "kwsd devices", "kwsd model",
+            "kwsd model fetch", "kwsd model export"} <= set(names)
+
+
+@pytest.mark.parametrize(("argv", "verbose"), [
+    (["run"], False), (["-v", "run"], True), (["run", "-v"], True), (["run", "--verbose", "--config", "x"], True),
+    (["-v", "model", "fetch"], True), (["model", "fetch", "-v"], True), (["detect", "a.wav", "-v"], True),
+])
+def test_verbose_before_or_after_the_command(argv: list[str], verbose: bool) -> None:
+    assert build_parser().parse_args(argv).verbose is verbose
+
+
+def test_run_v_logs_at_debug(model_path: Path, audio_dir: Path, tmp_path: Path) -> None:
+    """``kwsd run -v``: the daemon's own DEBUG lines appear (a replay input, a broker that is not there)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(model_path)},
+        "inputs": [{"device": str(audio_dir / EXAMPLE), "sites": {0: "desk"}}],
+        "mqtt": {"host": "127.0.0.1", "port": 9, "reconnect_min": 0.2},
+        "service": {"state_dir": str(tmp_path / "state")},
+    }))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("KWSD_", "NOTIFY_SOCKET", "JOURNAL"))}
+    log = tmp_path / "log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([str(Path(sys.prefix) / "bin" / "kwsd"), "run", "-v", "--config", str(config)],
+                                stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path, env=clean)
+        try:
+            deadline = time.monotonic() + 60
+            while "heard 小云小云" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert " DEBUG   kwsd.mqtt." in text
+    assert " DEBUG   kwsd.kws.decoder: keyword 小云小云 hit" in text
+
+
+def test_detect_from_another_folder(audio_dir: Path, tmp_path: Path) -> None:
+    """No --model, no config, not in the checkout: the checkout's model is found; a relative file works."""
+    shutil.copy(audio_dir / EXAMPLE, tmp_path / "x.wav")
+    r = kwsd("detect", "x.wav", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('{"file": "x.wav", "keyword": "小云小云"')
+    if not gpu_present():
+        assert "CUDA" not in r.stderr  # a host with no GPU at all expects to run on the CPU
+    assert r.stderr == ""
+
+
+def test_model_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    installed, checkout = tmp_path / "opt", tmp_path / "checkout"
+    config = tmp_path / "etc" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text("model:\n  path: models/site.onnx\n")
+    places = {"system_config": config, "installed": installed, "checkout": checkout}
+    assert model_candidates(**places) == [tmp_path / "models" / MODEL_NAME, config.parent / "models/site.onnx",
+                                          installed / MODEL_NAME, checkout / MODEL_NAME]
+    assert default_model(**places) == checkout / MODEL_NAME  # none exists: the checkout's, named in the error
+    for path in reversed(model_candidates(**places)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"onnx")
+        assert default_model(**places) == path  # each earlier place wins over the later ones
+    config.write_text("model: [not, a, mapping]\n")  # an installed config that does not load is passed over
+    assert default_model(**places) == tmp_path / "models" / MODEL_NAME
+    (tmp_path / "models" / MODEL_NAME).unlink()
+    assert default_model(**places) == installed / MODEL_NAME
+
+
+def test_plot_without_matplotlib_fails_before_the_model_pass(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['matplotlib'] = None; from kwsd.__main__ import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run(
+        [sys.executable, "-c", code, "eval", "--model", str(tmp_path / "none.onnx"), "--positive", str(tmp_path),
+         "--negative", str(tmp_path), "--plot", str(tmp_path / "det.png")],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == (
+        "kwsd eval: error: argument --plot: matplotlib is not installed: pip install 'kwsd[plot]'")
