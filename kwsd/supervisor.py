@@ -251,7 +251,7 @@ class Daemon:
                     if self.publisher is not None:
                         self.publisher.set_site_available(site, up)
                     log.info("site %s: %s", site, "available again" if up else
-                             f"unavailable (input {name}: {st.state})")
+                             f"unavailable while input {name} is {st.state}")
         return changed
 
     def _count(self, key: str, source: object, value: int, add: Callable[[int], None]) -> None:
