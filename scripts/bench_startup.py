@@ -56,15 +56,21 @@ def time_to_ready(python: Path, cwd: Path, model: Path, tmp: Path) -> float:
     sock_path.unlink(missing_ok=True)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(sock_path))
-        sock.settimeout(60)
         env = dict(os.environ, NOTIFY_SOCKET=str(sock_path))
         t0 = time.perf_counter()
         proc = subprocess.Popen([str(python), "-m", "kwsd", "run", "--config", str(conf)], cwd=cwd, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sock.settimeout(0.2)
         try:
-            while b"READY=1" not in sock.recv(4096):
-                pass
-            return time.perf_counter() - t0
+            while time.perf_counter() - t0 < 60:
+                if proc.poll() is not None:
+                    sys.exit(f"{python} -m kwsd run exited with {proc.returncode} before READY=1 (in {cwd})")
+                try:
+                    if b"READY=1" in sock.recv(4096):
+                        return time.perf_counter() - t0
+                except TimeoutError:
+                    pass
+            sys.exit(f"{python} -m kwsd run sent no READY=1 within 60 s (in {cwd})")
         finally:
             proc.terminate()
             proc.wait(10)
