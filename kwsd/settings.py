@@ -445,6 +445,59 @@ class ServiceSettings:
         return Path(from_systemd) if from_systemd else DEFAULT_STATE_DIR
 
 
+# --- Wyoming wake-word service (kwsd/wyoming.py) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WyomingSettings:
+    """A Wyoming-protocol wake-word service for Home Assistant Assist and wyoming-satellite.
+
+    Each connection's audio is one more stream of the daemon's detector (same model, thresholds and refractory
+    period as the microphones)."""
+
+    enabled: bool = False
+    """Serve the Wyoming protocol inside ``kwsd run``."""
+    host: str = "127.0.0.1"
+    """Address to listen on; ``0.0.0.0`` or ``::`` lets Home Assistant and satellites on other hosts connect
+    (the protocol has no authentication)."""
+    port: int = 10400
+    """TCP port (10400 is the port Home Assistant suggests for wake-word services); 0 takes a free port and logs
+    it."""
+    max_clients: int = 32
+    """Most connections at once; one more is sent an error event and closed."""
+    max_event_bytes: int = 1048576
+    """Largest data block or audio payload of one event, bytes (header lines are bounded at 64 KiB); a client
+    sending a larger one is disconnected (1 MiB holds over 2 s of 48 kHz stereo 32-bit audio)."""
+    publish_mqtt: bool = False
+    """Also publish a Wyoming client's wakes (and follow-up segments) over MQTT as wake events of its site."""
+    sites: dict[str, str] = field(default_factory=dict)
+    """Client address -> siteId (``{192.168.1.20: kitchen}``) for logs, metrics and MQTT; an unlisted client is
+    ``wyoming-<address>``. Concurrent streams from one address get ``-2``, ``-3``, ... appended."""
+    zeroconf: bool = False
+    """Announce the service over mDNS (``_wyoming._tcp``) so Home Assistant discovers it; needs a ``host`` other
+    hosts can reach."""
+    zeroconf_name: str = ""
+    """Instance name in the announcement; empty: ``kwsd-<hostname>``."""
+
+    def validate(self, key: str) -> None:
+        k = f"{key}." if key else ""
+        if self.zeroconf:
+            if self.host.startswith("127.") or self.host in ("localhost", "::1"):
+                raise ConfigError(f"{k}zeroconf", f"would announce {self.host}, which other hosts cannot reach; "
+                                  "set wyoming.host to 0.0.0.0 or an address on the network")
+        if not self.host or any(c.isspace() for c in self.host):
+            raise ConfigError(f"{k}host", f"expected an IP address or host name, got {self.host!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{k}port", f"must be a TCP port 1..65535 (or 0 for any free port), got {self.port}")
+        if self.max_clients < 1:
+            raise ConfigError(f"{k}max_clients", f"must be at least 1, got {self.max_clients}")
+        if self.max_event_bytes < 4096:
+            raise ConfigError(f"{k}max_event_bytes", f"must be at least 4096, got {self.max_event_bytes}")
+        for address, site in self.sites.items():
+            if not site or any(c in site for c in "+#/") or any(c.isspace() for c in site):
+                raise ConfigError(f"{k}sites.{address}", f"not a usable siteId (no spaces, '/', '+' or '#'): {site!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -454,6 +507,7 @@ class Settings:
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     segments: SegmentSettings = field(default_factory=SegmentSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    wyoming: WyomingSettings = field(default_factory=WyomingSettings)
 
 
 # --------------------------------------------------------------------------------------------------------------

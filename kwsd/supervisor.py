@@ -29,13 +29,15 @@ from kwsd.kws.detector import Detector
 from kwsd.kws.session import ModelError, ModelSession
 from kwsd.lifecycle import Backoff, Liveness, describe, supervise
 from kwsd.metrics import Metrics
+from kwsd.mqtt.messages import WakeEvent
 from kwsd.mqtt.outbox import Outbox
 from kwsd.mqtt.publisher import Publisher
 from kwsd.pipeline import BEAT_WITHIN, SAMPLE_RATE, Parts, Pipeline, Sink
-from kwsd.segments import SegmentRecorder
+from kwsd.segments import Segment, SegmentRecorder
 from kwsd.settings import DetectorSettings, ModelSettings, MqttSettings, SegmentSettings, Settings
 from kwsd.systemd import Notifier, Watchdog
 from kwsd.toggles import ToggleState
+from kwsd.wyoming import WyomingError, WyomingServer
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,28 @@ class Factories:
 
 
 def remote_limits(s: Settings) -> RemoteLimits:
+    """Bounds on remote sites: MQTT satellites' ``max_sites`` plus one per Wyoming client (``max_clients``)."""
     sat = s.mqtt.satellites
-    return RemoteLimits(max_sites=sat.max_sites, idle_timeout=sat.idle_timeout, buffer_seconds=sat.buffer_seconds)
+    wyoming = s.wyoming.max_clients if s.wyoming.enabled else 0
+    return RemoteLimits(max_sites=sat.max_sites + wyoming, idle_timeout=sat.idle_timeout,
+                        buffer_seconds=sat.buffer_seconds)
+
+
+class SiteFilter:
+    """A sink that hands on only the wakes and segments of sites ``keep`` accepts (the MQTT publisher does not
+    get Wyoming clients' events unless ``wyoming.publish_mqtt``)."""
+
+    def __init__(self, sink: Sink, keep: Callable[[str], bool]) -> None:
+        self.sink = sink
+        self.keep = keep
+
+    def put_wake(self, event: WakeEvent) -> None:
+        if self.keep(event.site_id):
+            self.sink.put_wake(event)
+
+    def put_segment(self, segment: Segment) -> None:
+        if self.keep(segment.site):
+            self.sink.put_segment(segment)
 
 
 @dataclass
@@ -138,6 +160,7 @@ class Daemon:
         self._seen: dict[str, tuple[int, int]] = {}  # counter -> (id of its source object, last value seen)
         self._remote_refusals = 0
         self._last_refusal_log = 0.0
+        self.wyoming: WyomingServer | None = None
 
     # -- building -------------------------------------------------------------------------------------------
 
@@ -169,8 +192,19 @@ class Daemon:
             self.pipeline.set_sinks(self._sinks())
 
     def _sinks(self) -> list[Sink]:
-        sinks: list[Sink] = [self.publisher] if self.publisher is not None else []
+        sinks: list[Sink] = [SiteFilter(self.publisher, self.mqtt_site)] if self.publisher is not None else []
+        if self.wyoming is not None:
+            sinks.append(self.wyoming)
         return [*sinks, *self.extra_sinks]
+
+    def mqtt_site(self, site: str) -> bool:
+        """Whether a site's wakes, segments and discovery go to MQTT (a Wyoming client's only with
+        ``wyoming.publish_mqtt``)."""
+        wyoming = self.wyoming
+        return wyoming is None or wyoming.mqtt_site(site)
+
+    def _mqtt_sites(self) -> list[str]:
+        return [site for site in self.hub.sites() if self.mqtt_site(site)] if self.hub is not None else []
 
     def start(self) -> None:
         s = self.settings
@@ -185,7 +219,7 @@ class Daemon:
         self.hub.on_sites_changed = self._sites_changed
         if s.mqtt.enabled:
             self.outbox = self._open_outbox(s)
-            self.publisher = self._new_publisher(s, self.outbox, self.hub.sites())
+            self.publisher = self._new_publisher(s, self.outbox, self._mqtt_sites())
         self.pipeline = Pipeline(self.hub, parts, self._sinks(), self.metrics, self.toggles)
         self.metrics.read_broker_connected(lambda: self.publisher is not None and self.publisher.connected)
         if s.service.metrics.enabled:
@@ -200,6 +234,28 @@ class Daemon:
         self.pipeline.sync_sites()
         self._thread = supervise("pipeline", self.pipeline.run, stop=self.stop_event, liveness=self.liveness,
                                  backoff=self.factories.pipeline_backoff(), beat_within=BEAT_WITHIN, logger=log)
+        self._start_wyoming(s)
+
+    def _start_wyoming(self, s: Settings) -> None:
+        """Start the Wyoming service (a sink of the pipeline, its thread beating into the daemon's liveness);
+        ``StartupError`` naming the setting when it cannot listen."""
+        if not s.wyoming.enabled:
+            return
+        server = WyomingServer(self, s.wyoming, self.liveness)
+        try:
+            server.start()
+        except WyomingError as exc:
+            raise StartupError(str(exc)) from exc
+        self.wyoming = server
+        if self.pipeline is not None:
+            self.pipeline.set_sinks(self._sinks())
+
+    def _stop_wyoming(self) -> None:
+        server, self.wyoming = self.wyoming, None
+        if server is not None:
+            server.stop()  # its clients' streams end; the pipeline finishes them
+            if self.pipeline is not None:
+                self.pipeline.set_sinks(self._sinks())
 
     # -- callbacks from other threads -----------------------------------------------------------------------
 
@@ -228,7 +284,7 @@ class Daemon:
 
     def _sites_changed(self) -> None:
         if self.publisher is not None and self.hub is not None:
-            self.publisher.update_sites(self.hub.sites())
+            self.publisher.update_sites(self._mqtt_sites())
 
     # -- health (main thread) -------------------------------------------------------------------------------
 
@@ -335,7 +391,7 @@ class Daemon:
                     same_dir = new.service.state_path() == old.service.state_path() and self.outbox is not None
                     plan.outbox = self.outbox if same_dir else self._open_outbox(new)
                     assert plan.outbox is not None
-                    plan.publisher = self._new_publisher(new, plan.outbox, self.hub.sites())
+                    plan.publisher = self._new_publisher(new, plan.outbox, self._mqtt_sites())
         except BaseException:
             plan.discard(current, self.outbox)
             raise
@@ -370,6 +426,12 @@ class Daemon:
                     if not up:
                         self.publisher.set_site_available(site, False)
                 self.publisher.start()
+        if new.wyoming != old.wyoming:
+            self._stop_wyoming()
+            try:
+                self._start_wyoming(new)
+            except StartupError as exc:
+                log.error("%s; the Wyoming service stays off until the next reload", exc)
         self._sites_changed()
         self.settings = new
 
@@ -458,6 +520,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.notifier.stopping("stopping")
+        self._stop_wyoming()
         self.stop_event.set()
         if self.hub is not None:
             self.hub.wake()

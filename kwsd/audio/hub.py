@@ -107,6 +107,12 @@ class RemoteInput:
         """Memory held by the ring."""
         return self.capacity * 2
 
+    @property
+    def backlog(self) -> int:
+        """16 kHz samples written and not yet read (a writer that can wait, such as a TCP client's handler, keeps
+        this below ``capacity`` instead of overrunning the ring)."""
+        return self.ring.end - self.cursors[self.site]
+
     def write(self, samples: np.ndarray, rate: int) -> bool:
         """Add a block of mono int16 samples at ``rate`` Hz; False when it was dropped (input closed, flood).
 
