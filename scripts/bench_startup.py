@@ -81,7 +81,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--checkout", type=Path, action="append",
                     help="a kwsd checkout with its own .venv (repeatable; default: this one)")
-    ap.add_argument("--model", type=Path, default=Path(os.environ.get("KWSD_MODEL", REPO / "models/kwsd-xiaoyun.onnx")))
+    ap.add_argument("--model", type=Path, help="exported model for every checkout (default: each one's own "
+                    "models/kwsd-xiaoyun.onnx)")
     args = ap.parse_args()
     audio = Path(os.environ.get("KWSD_TEST_AUDIO", ""))
     clips = sorted(audio.glob("*/*.wav"))
@@ -95,11 +96,12 @@ def main() -> int:
         for _ in range(args.runs):
             for co in checkouts:
                 python = co / ".venv/bin/python"
-                detect = [str(python), "-m", "kwsd", "detect", "--model", str(args.model)]
+                model = args.model or co / "models/kwsd-xiaoyun.onnx"
+                detect = [str(python), "-m", "kwsd", "detect", "--model", str(model)]
                 results.setdefault((co, "detect, 1 clip"), []).append(timed([*detect, str(one)], co))
                 results.setdefault((co, f"detect, {len(clips)} clips"), []).append(
                     timed([*detect, *map(str, clips)], co))
-                results.setdefault((co, "run to READY=1"), []).append(time_to_ready(python, co, args.model, tmp))
+                results.setdefault((co, "run to READY=1"), []).append(time_to_ready(python, co, model, tmp))
     load = os.getloadavg()
     print(f"whole-process wall time, {args.runs} runs each, interleaved; {os.cpu_count()} CPUs, load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
