@@ -95,6 +95,8 @@ class Metrics:
             registry=reg,
         )
         self.streams = Gauge("streams", "Audio streams being decoded", namespace=namespace, registry=reg)
+        self.provider = Gauge("execution_provider", "The onnxruntime execution provider running the model (1)",
+                              ["provider"], namespace=namespace, registry=reg)
         self.input_up = Gauge(
             "input_up",
             "1 while the input delivers audio, 0 while its device is missing or failing",
@@ -185,6 +187,11 @@ class Metrics:
 
     def set_streams(self, count: int) -> None:
         self.streams.set(count)
+
+    def set_provider(self, provider: str) -> None:
+        """The provider in use (``ModelSession.provider``); the previous one's series is removed."""
+        self.provider.clear()
+        self.provider.labels(provider=provider).set(1)
 
     def observe_wake_latency(self, seconds: float) -> None:
         self.wake_latency.observe(max(0.0, seconds))

@@ -7,7 +7,12 @@ an error that names the key's full path (``mqtt.tls.ca_file: file not found``), 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import math
 import os
+import re
+import socket
+import ssl
 import types
 import typing
 from collections.abc import Mapping
@@ -16,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
+import yaml.composer
+import yaml.constructor
 
 T = TypeVar("T")
 
@@ -31,6 +38,81 @@ class ConfigError(ValueError):
         self.problem = problem
 
 
+# --- value rules shared by the sections below ------------------------------------------------------------------
+
+TOPIC_LEVEL_MAX = 128
+"""Longest siteId / wake word id, characters: each is one MQTT topic level and part of a Home Assistant entity."""
+SATELLITE_SITE_MAX = 64
+"""Longest siteId accepted from a satellite (the MQTT side refuses longer ones from the network)."""
+_TOPIC_FORBIDDEN = ("/", "+", "#", "\x00")
+_HA_NODE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so an error message stays one short line."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return f"an integer of more than {limit} digits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_host(value: str) -> bool:
+    """A host name (ASCII or internationalised) or an IPv4/IPv6 address, as a resolver accepts it."""
+    if not value or len(value) > 253 or value.startswith("-"):
+        return False
+    if re.fullmatch(r"[A-Za-z0-9._:%-]+", value):
+        return True
+    try:
+        value.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+def _unfit_for_mqtt(char: str) -> bool:
+    """Control characters and Unicode non-characters: mosquitto drops a client whose topic or id has one."""
+    code = ord(char)
+    return code <= 0x1F or 0x7F <= code <= 0x9F or 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE
+
+
+def check_topic_level(key: str, value: str, what: str = "siteId", limit: int = TOPIC_LEVEL_MAX) -> None:
+    """``value`` must fit one MQTT topic level: non-empty, at most ``TOPIC_LEVEL_MAX`` characters, none of
+    ``/ + #``, no control character (NUL, tab, ...) or Unicode non-character. A broker drops the connection of a
+    client that publishes to a topic with one of those."""
+    if not value:
+        raise ConfigError(key, f"{what} must not be empty")
+    if len(value) > limit:
+        raise ConfigError(key, f"{what} {_show(value)} is longer than {limit} characters")
+    bad = [c for c in _TOPIC_FORBIDDEN if c in value]
+    if bad:
+        listed = " ".join("NUL" if c == "\x00" else repr(c) for c in bad)
+        raise ConfigError(key, f"{what} {_show(value)} cannot be an MQTT topic level (contains {listed})")
+    odd = next((c for c in value if _unfit_for_mqtt(c)), None)
+    if odd is not None:
+        raise ConfigError(key, f"{what} {_show(value)} cannot be an MQTT topic level (contains the control or "
+                          f"non-character U+{ord(odd):04X})")
+
+
+def check_topic_prefix(key: str, value: str) -> None:
+    """A topic prefix: one or more levels joined by ``/``, each a valid topic level."""
+    if not value:
+        raise ConfigError(key, "must not be empty")
+    for level in value.split("/"):
+        if not level:
+            raise ConfigError(key, f"{_show(value)} has an empty topic level (leading, trailing or double '/')")
+        check_topic_level(key, level, "topic level")
+
+
+def _bound(key: str, value: float, lo: float, hi: float, *, lo_open: bool = False, unit: str = "") -> None:
+    """``lo <= value <= hi`` (``lo < value`` with ``lo_open``), else a ConfigError naming ``key`` and the range."""
+    below = value <= lo if lo_open else value < lo
+    if below or value > hi:
+        low = "more than" if lo_open else "at least"
+        u = f" {unit}" if unit else ""
+        raise ConfigError(key, f"must be {low} {lo:g} and at most {hi:g}{u}, got {_show(value)}")
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     path: Path = DEFAULT_MODEL
@@ -41,6 +123,13 @@ class ModelSettings:
     """Threads onnxruntime may use inside one inference call (CPU provider)."""
     max_batch: int = 4096
     """Most streams processed in one inference call; more streams are split into several calls."""
+
+    def validate(self, key: str) -> None:
+        for i, name in enumerate(self.providers):
+            if not name or any(c.isspace() for c in name):
+                raise ConfigError(f"{key}.providers[{i}]", f"expected an execution provider name, got {_show(name)}")
+        _bound(f"{key}.intra_op_threads", self.intra_op_threads, 1, 256)
+        _bound(f"{key}.max_batch", self.max_batch, 1, 1 << 20)
 
 
 @dataclass(frozen=True)
@@ -66,6 +155,18 @@ class KeywordSettings:
     def wakeword_id(self) -> str:
         return self.id or self.phrase.replace(" ", "")
 
+    def validate(self, key: str) -> None:
+        spelled = "".join(self.phrase.split())
+        if not spelled:
+            raise ConfigError(f"{key}.phrase", "must spell the keyword (it is empty)")
+        if len(spelled) > 64:
+            raise ConfigError(f"{key}.phrase", f"is longer than 64 characters: {_show(self.phrase)}")
+        check_topic_level(f"{key}.id" if self.id else f"{key}.phrase", self.wakeword_id, "wake word id")
+        _bound(f"{key}.threshold", self.threshold, 0.0, 1.0, lo_open=True)
+        _bound(f"{key}.min_duration", self.min_duration, 0.0, 10.0, lo_open=True, unit="seconds")
+        _bound(f"{key}.max_duration", self.max_duration, self.min_duration, 10.0, unit="seconds (min_duration..10)")
+        _bound(f"{key}.max_gap", self.max_gap, 0.0, 10.0, unit="seconds (0: no limit)")
+
 
 @dataclass(frozen=True)
 class DetectorSettings:
@@ -88,12 +189,31 @@ class DetectorSettings:
     ``kwsd review stats`` shows which sites need one."""
 
     def validate(self, key: str) -> None:
+        k = f"{key}." if key else ""
+        if not 1 <= len(self.keywords) <= 64:
+            raise ConfigError(f"{k}keywords", f"needs 1 to 64 keywords, got {len(self.keywords)}")
+        first: dict[str, int] = {}
+        for i, kw in enumerate(self.keywords):
+            if kw.wakeword_id in first:
+                raise ConfigError(f"{k}keywords[{i}].id", f"wake word id {_show(kw.wakeword_id)} is already used "
+                                  f"by keywords[{first[kw.wakeword_id]}]; give each keyword its own id")
+            first[kw.wakeword_id] = i
+        _bound(f"{k}refractory", self.refractory, 0.0, 60.0, unit="seconds")
+        _bound(f"{k}step_frames", self.step_frames, 1, 100)
+        _bound(f"{k}beam", self.beam, 1, 1000)
+        _bound(f"{k}top_k", self.top_k, 1, 10000)
+        if not 0.0 <= self.token_floor < 1.0:
+            raise ConfigError(f"{k}token_floor", f"must be at least 0 and below 1, got {_show(self.token_floor)}")
         for site, threshold in self.site_thresholds.items():
             if not 0.0 < threshold <= 1.0:
-                raise ConfigError(f"{key}.site_thresholds.{site}", f"must be in (0, 1], got {threshold}")
+                raise ConfigError(f"{k}site_thresholds.{site}", f"must be in (0, 1], got {threshold}")
 
 
 # --- audio inputs (kwsd/audio) ---------------------------------------------------------------------------------
+
+
+RING_BYTES_MAX = 2 << 30
+"""Largest capture ring of one input (``buffer_seconds`` × rate × channels × 2 bytes)."""
 
 
 @dataclass(frozen=True)
@@ -149,41 +269,45 @@ class InputSettings:
         pre = f"{key}." if key else ""
         if not self.device:
             raise ConfigError(f"{pre}device", "must name a device, a file or '-' for stdin")
-        if self.rate < 0:
-            raise ConfigError(f"{pre}rate", f"must be positive (or 0 for the source's rate), got {self.rate}")
-        if self.channels < 0:
-            raise ConfigError(
-                f"{pre}channels",
-                f"must be positive (or 0 for the source's count), got {self.channels}"
-            )
+        if self.rate != 0:
+            _bound(f"{pre}rate", self.rate, 4000, 384000, unit="Hz (or 0 for the source's rate)")
+        _bound(f"{pre}channels", self.channels, 0, 64, unit="(0 for the source's count)")
         for ch, site in self.sites.items():
-            if ch < 0 or (self.channels and ch >= self.channels):
-                have = "no negative channels"
-                if self.channels:
-                    have = f"{self.channels} channels (0..{self.channels - 1})"
-                raise ConfigError(f"{pre}sites.{ch}", f"channel {ch} is out of range: input has {have}")
-            if not site:
-                raise ConfigError(f"{pre}sites.{ch}", "siteId must not be empty")
+            if not 0 <= ch < (self.channels or 64):
+                have = f"{self.channels} channels (0..{self.channels - 1})" if self.channels else "channels 0..63"
+                raise ConfigError(f"{pre}sites.{ch}", f"channel {_show(ch)} is out of range: input has {have}")
+            check_topic_level(f"{pre}sites.{ch}", site)
+        if not self.sites:
+            what = "name" if self.name else "device"
+            try:
+                check_topic_level(f"{pre}{what}", self.label)
+            except ConfigError as exc:
+                raise ConfigError(exc.key, f"is this input's siteId when sites is empty: {exc.problem}; "
+                                  "name the site in sites (e.g. {0: kitchen})") from None
         names = list(self.site_map().values())
         for site in names:
             if names.count(site) > 1:
-                raise ConfigError(f"{pre}sites", f"siteId {site!r} is used by more than one channel")
-        if not 1 <= self.block_ms <= 1000:
-            raise ConfigError(f"{pre}block_ms", f"must be 1..1000, got {self.block_ms}")
-        if self.buffer_seconds < 1.0:
-            raise ConfigError(f"{pre}buffer_seconds", f"must be at least 1 second, got {self.buffer_seconds}")
-        if self.stall_timeout <= 0:
-            raise ConfigError(f"{pre}stall_timeout", f"must be positive, got {self.stall_timeout}")
+                raise ConfigError(f"{pre}sites", f"siteId {_show(site)} is used by more than one channel")
+        _bound(f"{pre}block_ms", self.block_ms, 1, 1000, unit="ms")
+        _bound(f"{pre}buffer_seconds", self.buffer_seconds, 1.0, 600.0, unit="seconds")
+        ring = self.buffer_seconds * (self.rate or 48000) * (self.channels or 2) * 2
+        if ring > RING_BYTES_MAX:
+            raise ConfigError(f"{pre}buffer_seconds", f"a ring of {ring / 2**30:.1f} GiB at {self.rate or 48000} Hz "
+                              f"and {self.channels or 2} channels is more than {RING_BYTES_MAX >> 30} GiB")
+        _bound(f"{pre}stall_timeout", self.stall_timeout, 0.05, 3600.0, unit="seconds")
+        if self.stall_timeout <= self.block_ms / 1000:
+            raise ConfigError(f"{pre}stall_timeout", f"must be longer than one capture block ({self.block_ms} ms), "
+                              f"got {_show(self.stall_timeout)}")
         if len(self.reopen_backoff) != 2:
             raise ConfigError(
                 f"{pre}reopen_backoff",
-                f"needs two numbers [first, longest], got {self.reopen_backoff}"
+                f"needs two numbers [first, longest], got {len(self.reopen_backoff)} numbers"
             )
         lo, hi = self.reopen_backoff
-        if not 0 < lo <= hi:
+        if not 0.01 <= lo <= hi <= 3600:
             raise ConfigError(
                 f"{pre}reopen_backoff",
-                f"needs 0 < first <= longest, got {list(self.reopen_backoff)}"
+                f"needs 0.01 <= first <= longest <= 3600 seconds, got {_show(list(self.reopen_backoff))}"
             )
 
 
@@ -216,6 +340,25 @@ class MqttTlsSettings:
             raise ConfigError(f"{key}.cert_file", "required when key_file is set")
         self.check_files(key)
 
+    def ssl_context(self, key: str = "mqtt.tls") -> ssl.SSLContext:
+        """The client TLS context these settings describe; a file that cannot be loaded is a ConfigError."""
+        self.check_files(key, relative_too=True)
+        ctx = ssl.create_default_context()
+        if self.ca_file is not None:
+            try:
+                ctx.load_verify_locations(cafile=str(self.ca_file))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError(f"{key}.ca_file", f"cannot load CA certificates from {self.ca_file}: "
+                                  f"{_ssl_reason(exc)}") from exc
+        if self.cert_file is not None and self.key_file is not None:
+            try:
+                # A key protected by a passphrase cannot be unlocked by a service: fail instead of prompting.
+                ctx.load_cert_chain(str(self.cert_file), str(self.key_file), password=lambda: b"")
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError(f"{key}.cert_file", f"cannot load {self.cert_file} with key {key}.key_file="
+                                  f"{self.key_file}: {_ssl_reason(exc)}") from exc
+        return ctx
+
     def check_files(self, key: str, relative_too: bool = False) -> None:
         """Raise ``ConfigError`` naming the setting of a TLS file that does not exist.
 
@@ -230,6 +373,14 @@ class MqttTlsSettings:
                 raise ConfigError(f"{key}.{name}", f"file not found: {path}")
 
 
+def _ssl_reason(exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
 @dataclass(frozen=True)
 class HomeAssistantSettings:
     """Home Assistant MQTT discovery: one ``event`` entity per site."""
@@ -240,6 +391,12 @@ class HomeAssistantSettings:
     """Home Assistant's discovery prefix; its birth message is expected on ``<discovery_prefix>/status``."""
     node_id: str = "kwsd"
     """Node id in discovery topics and the device identifier; use one per daemon when several run."""
+
+    def validate(self, key: str) -> None:
+        check_topic_prefix(f"{key}.discovery_prefix", self.discovery_prefix)
+        if not _HA_NODE_ID.match(self.node_id):
+            raise ConfigError(f"{key}.node_id", "Home Assistant needs 1..64 of A-Z a-z 0-9 _ -, got "
+                              f"{_show(self.node_id)}")
 
 
 @dataclass(frozen=True)
@@ -260,14 +417,17 @@ class SatelliteSettings:
     """Audio held per remote site (32 kB per second); also the largest burst accepted at once."""
 
     def validate(self, key: str) -> None:
-        if self.max_frame_bytes < 64:
-            raise ConfigError(f"{key}.max_frame_bytes", f"must be at least 64, got {self.max_frame_bytes}")
+        for i, site in enumerate(self.sites):
+            check_topic_level(f"{key}.sites[{i}]", site, limit=SATELLITE_SITE_MAX)
+            if site in self.sites[:i]:
+                raise ConfigError(f"{key}.sites[{i}]", f"siteId {_show(site)} is listed twice")
+        _bound(f"{key}.max_frame_bytes", self.max_frame_bytes, 64, 64 << 20, unit="bytes")
         if not 1 <= self.max_sites <= 1024:
-            raise ConfigError(f"{key}.max_sites", f"must be 1..1024, got {self.max_sites}")
+            raise ConfigError(f"{key}.max_sites", f"must be 1..1024, got {_show(self.max_sites)}")
         if not 1.0 <= self.idle_timeout <= 86400:
-            raise ConfigError(f"{key}.idle_timeout", f"must be 1..86400 seconds, got {self.idle_timeout}")
+            raise ConfigError(f"{key}.idle_timeout", f"must be 1..86400 seconds, got {_show(self.idle_timeout)}")
         if not 0.5 <= self.buffer_seconds <= 60:
-            raise ConfigError(f"{key}.buffer_seconds", f"must be 0.5..60 seconds, got {self.buffer_seconds}")
+            raise ConfigError(f"{key}.buffer_seconds", f"must be 0.5..60 seconds, got {_show(self.buffer_seconds)}")
 
 
 @dataclass(frozen=True)
@@ -280,10 +440,8 @@ class OutboxSettings:
     """QoS 1 messages sent and not yet acknowledged at any time."""
 
     def validate(self, key: str) -> None:
-        if self.max_bytes < 4096:
-            raise ConfigError(f"{key}.max_bytes", f"must be at least 4096, got {self.max_bytes}")
-        if self.max_inflight < 1:
-            raise ConfigError(f"{key}.max_inflight", f"must be at least 1, got {self.max_inflight}")
+        _bound(f"{key}.max_bytes", self.max_bytes, 4096, 1 << 40, unit="bytes")
+        _bound(f"{key}.max_inflight", self.max_inflight, 1, 65535)
 
 
 @dataclass(frozen=True)
@@ -329,18 +487,23 @@ class MqttSettings:
 
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""
-        if not self.host:
-            raise ConfigError(f"{k}host", "must not be empty")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"{k}port", f"must be 0..65535, got {self.port}")
+        if not _is_host(self.host):
+            raise ConfigError(f"{k}host", f"expected a host name or address, got {_show(self.host)}")
+        _bound(f"{k}port", self.port, 0, 65535, unit="(0: 1883, or 8883 with TLS)")
         if self.qos not in (0, 1):
-            raise ConfigError(f"{k}qos", f"must be 0 or 1, got {self.qos}")
-        if not 5 <= self.keepalive <= 65535:
-            raise ConfigError(f"{k}keepalive", f"must be 5..65535 seconds, got {self.keepalive}")
-        if self.connect_timeout <= 0:
-            raise ConfigError(f"{k}connect_timeout", f"must be positive, got {self.connect_timeout}")
-        if not 0 < self.reconnect_min <= self.reconnect_max:
-            raise ConfigError(f"{k}reconnect_min", "must be positive and at most reconnect_max")
+            raise ConfigError(f"{k}qos", f"must be 0 or 1, got {_show(self.qos)}")
+        _bound(f"{k}keepalive", self.keepalive, 5, 65535, unit="seconds")
+        _bound(f"{k}connect_timeout", self.connect_timeout, 0.1, 600.0, unit="seconds")
+        _bound(f"{k}reconnect_max", self.reconnect_max, 0.01, 3600.0, unit="seconds")
+        _bound(f"{k}reconnect_min", self.reconnect_min, 0.01, self.reconnect_max, unit="seconds (reconnect_max)")
+        for name in ("client_id", "username", "password"):
+            if len(getattr(self, name)) > 1024:
+                raise ConfigError(f"{k}{name}", "is longer than 1024 characters")
+        for name in ("client_id", "username"):  # UTF-8 strings of the CONNECT packet, checked by the broker
+            odd = next((c for c in getattr(self, name) if _unfit_for_mqtt(c)), None)
+            if odd is not None:
+                raise ConfigError(f"{k}{name}", f"contains the control or non-character U+{ord(odd):04X}, "
+                                  "which a broker refuses")
         if self.password and self.password_file is not None:
             raise ConfigError(f"{k}password_file", "set either password or password_file, not both")
         if (self.password or self.password_file is not None) and not self.username:
@@ -348,9 +511,7 @@ class MqttSettings:
         if self.password_file is not None and self.password_file.is_absolute():
             if not self.password_file.is_file():
                 raise ConfigError(f"{k}password_file", f"file not found: {self.password_file}")
-        for name, value in (("prefix", self.prefix), ("home_assistant.node_id", self.home_assistant.node_id)):
-            if not value or any(c in value for c in "+#") or value.startswith("/") or value.endswith("/"):
-                raise ConfigError(f"{k}{name}", f"not a usable topic part: {value!r}")
+        check_topic_prefix(f"{k}prefix", self.prefix)
 
     def read_password(self, key: str = "mqtt") -> str:
         """The password from ``password`` or ``password_file``; errors name ``<key>.password_file``."""
@@ -359,7 +520,10 @@ class MqttSettings:
         try:
             lines = self.password_file.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
-            raise ConfigError(f"{key}.password_file", f"cannot read {self.password_file}: {exc}") from exc
+            raise ConfigError(f"{key}.password_file", f"cannot read {self.password_file}: "
+                              f"{exc.strerror or exc}") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"{key}.password_file", f"{self.password_file} is not UTF-8 text") from None
         return lines[0] if lines else ""
 
 
@@ -390,15 +554,16 @@ class SegmentSettings:
     def validate(self, key: str) -> None:
         k = f"{key}." if key else ""
         if not 0 <= self.vad_aggressiveness <= 3:
-            raise ConfigError(f"{k}vad_aggressiveness", f"must be 0..3, got {self.vad_aggressiveness}")
-        for name in ("pre_roll", "min_speech"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{k}{name}", f"must not be negative, got {getattr(self, name)}")
-        for name in ("silence_timeout", "initial_silence", "max_length", "lookback"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{k}{name}", f"must be positive, got {getattr(self, name)}")
+            raise ConfigError(f"{k}vad_aggressiveness", f"must be 0..3, got {_show(self.vad_aggressiveness)}")
+        _bound(f"{k}pre_roll", self.pre_roll, 0.0, 10.0, unit="seconds")
+        _bound(f"{k}min_speech", self.min_speech, 0.0, 60.0, unit="seconds")
+        for name in ("silence_timeout", "initial_silence"):  # at least one VAD frame
+            _bound(f"{k}{name}", getattr(self, name), 0.03, 60.0, unit="seconds")
+        _bound(f"{k}lookback", self.lookback, 0.1, 600.0, unit="seconds")
         if self.max_length <= self.pre_roll:
-            raise ConfigError(f"{k}max_length", f"must be longer than pre_roll ({self.pre_roll} s)")
+            raise ConfigError(f"{k}max_length", f"must be longer than pre_roll ({self.pre_roll:g} s), "
+                              f"got {_show(self.max_length)}")
+        _bound(f"{k}max_length", self.max_length, 0.0, 600.0, lo_open=True, unit="seconds")
 
 
 # --- review archive (kwsd/review) -----------------------------------------------------------------------------
@@ -426,14 +591,15 @@ class ReviewSettings:
     """Days over which the effective wake rate is computed (metrics, status, ``kwsd review stats``)."""
 
     def validate(self, key: str) -> None:
+        k = f"{key}." if key else ""
         for name in ("max_bytes", "near_miss_max_bytes"):
-            if getattr(self, name) < 65536:
-                raise ConfigError(f"{key}.{name}", f"must be at least 65536 bytes, got {getattr(self, name)}")
-        for name in ("max_days", "window_days", "margin"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
+            _bound(f"{k}{name}", getattr(self, name), 65536, 1 << 40, unit="bytes")
+        for name in ("max_days", "window_days"):
+            _bound(f"{k}{name}", getattr(self, name), 0.0, 36500.0, lo_open=True, unit="days")
+        _bound(f"{k}margin", self.margin, 0.0, 60.0, lo_open=True, unit="seconds")
         if not 0.0 <= self.near_miss_ratio < 1.0:
-            raise ConfigError(f"{key}.near_miss_ratio", f"must be in [0, 1), got {self.near_miss_ratio}")
+            raise ConfigError(f"{k}near_miss_ratio", f"must be at least 0 and below 1, got "
+                              f"{_show(self.near_miss_ratio)}")
 
 
 # --- service: state, metrics, logging (kwsd/app.py, kwsd/metrics.py, kwsd/logs.py) -----------------------------
@@ -455,9 +621,9 @@ class MetricsSettings:
 
     def validate(self, key: str) -> None:
         if not 1 <= self.port <= 65535:
-            raise ConfigError(f"{key}.port", f"must be a TCP port 1..65535, got {self.port}")
-        if not self.address or any(c.isspace() for c in self.address):
-            raise ConfigError(f"{key}.address", f"expected an IP address or host name, got {self.address!r}")
+            raise ConfigError(f"{key}.port", f"must be a TCP port 1..65535, got {_show(self.port)}")
+        if not _is_host(self.address):
+            raise ConfigError(f"{key}.address", f"expected an IP address or host name, got {_show(self.address)}")
 
 
 @dataclass(frozen=True)
@@ -475,9 +641,7 @@ class ServiceSettings:
     """Seconds between refreshes of the retained MQTT status message and the systemd ``STATUS=`` line."""
 
     def validate(self, key: str) -> None:
-        if not self.status_interval > 0:
-            problem = f"must be a positive number of seconds, got {self.status_interval}"
-            raise ConfigError(f"{key}.status_interval", problem)
+        _bound(f"{key}.status_interval", self.status_interval, 0.1, 86400.0, unit="seconds")
 
     def state_path(self, env: Mapping[str, str] | None = None) -> Path:
         """The state folder: ``state_dir`` if set, else ``$STATE_DIRECTORY`` (first entry), else default."""
@@ -553,26 +717,159 @@ class Settings:
     review: ReviewSettings = field(default_factory=ReviewSettings)
     wyoming: WyomingSettings = field(default_factory=WyomingSettings)
 
+    def validate(self, key: str) -> None:
+        """Rules across sections: every siteId names one stream."""
+        owner: dict[str, int] = {}
+        for i, inp in enumerate(self.inputs):
+            for ch, site in inp.site_map().items():
+                if site in owner:
+                    default = "name" if inp.name else "device"
+                    where = f"inputs[{i}].sites.{ch}" if inp.sites else f"inputs[{i}].{default}"
+                    raise ConfigError(where, f"siteId {_show(site)} is already used by inputs[{owner[site]}]")
+                owner[site] = i
+        for i, site in enumerate(self.mqtt.satellites.sites):
+            if site in owner:
+                raise ConfigError(f"mqtt.satellites.sites[{i}]", f"siteId {_show(site)} is also a local site "
+                                  f"(inputs[{owner[site]}]); a satellite needs a siteId of its own")
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Loading
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file read; a bigger one is not a config (a log, a disk image) and is refused unread."""
+MAX_DEPTH = 32
+"""Deepest nesting of YAML collections accepted (the settings tree itself is four levels deep)."""
+
+
 def load(path: str | Path) -> Settings:
-    """Read and validate a YAML config file; relative paths inside it are resolved against its folder."""
+    """Read and validate a YAML config file; relative paths inside it are resolved against its folder.
+
+    Checks the file on its own (syntax, types, ranges, names); :func:`load_for_run` also checks the host.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    return loads(text, base_dir=path.resolve().parent, source=str(path))
+    except ValueError as exc:  # a NUL in the path
+        raise ConfigError("", f"cannot read config file {_show(str(path))}: {exc}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError("", f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
+    return loads(decode(data), base_dir=path.resolve().parent)
 
 
-def loads(text: str, base_dir: Path | None = None, source: str = "<config>") -> Settings:
+def load_for_run(path: str | Path, running: Settings | None = None) -> Settings:
+    """Everything ``kwsd run`` needs, checked: :func:`load` then :func:`check_host`.
+
+    ``kwsd check-config``, ``kwsd run`` and a reload all call this, so a config the check accepts is one the
+    daemon starts with. ``running``: the configuration of this daemon when it reloads (its own metrics port is
+    not "in use").
+    """
+    settings = load(path)
+    check_host(settings, running)
+    return settings
+
+
+def decode(data: bytes) -> str:
+    """Config file bytes as text: UTF-8 (a byte order mark is allowed), or UTF-16/32 with a byte order mark."""
+    for bom, codec in ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"),
+                       (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"), (b"\xef\xbb\xbf", "utf-8")):
+        if data.startswith(bom):
+            try:
+                return data[len(bom):].decode(codec)
+            except UnicodeDecodeError as exc:
+                raise ConfigError("", f"not valid {codec.upper()} text (as its byte order mark says), "
+                                  f"{_where(data, exc.start + len(bom))}") from None
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ConfigError("", f"contains a NUL byte at {_where(data, nul)}: not a text file, or UTF-16 without "
+                          "a byte order mark (save it as UTF-8)")
     try:
-        data = yaml.safe_load(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"not UTF-8 text: byte 0x{data[exc.start]:02x} at {_where(data, exc.start)} "
+                          "(save the file as UTF-8)") from None
+
+
+def _where(data: bytes | str, offset: int) -> str:
+    nl: Any = b"\n" if isinstance(data, bytes) else "\n"
+    line = data.count(nl, 0, offset) + 1
+    column = offset - (data.rfind(nl, 0, offset) + 1) + 1
+    return f"line {line}, column {column}"
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and deep nesting, and marks every construction error."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits, a bad date
+            problem = "integer too long" if "digits" in str(exc) else f"cannot read this value ({exc})"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {_show(key)} (first at line {seen[key]})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(exc: yaml.YAMLError, text: str) -> ConfigError:
+    """What is wrong and where, never the text of the line (it may hold a password)."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return ConfigError("", f"{_where(text, exc.position)}: not valid YAML: character #x{char:04x} is not "
+                           "allowed in a YAML file")
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "syntax error"
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        return ConfigError("", f"{where}not valid YAML: {problem}")
+    return ConfigError("", f"not valid YAML: {type(exc).__name__}")
+
+
+def loads(text: str, base_dir: Path | None = None) -> Settings:
+    """Parse and validate config text; with ``base_dir``, relative paths are resolved against it."""
+    loader: _Loader | None = None
+    try:
+        loader = _Loader(text)  # the reader checks every character here
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
-        raise ConfigError("", f"{source} is not valid YAML: {exc}") from exc
+        raise _yaml_error(exc, text) from None
+    except (ValueError, OverflowError):  # the scanner's own: e.g. an escape "\U7fffffff" beyond Unicode
+        mark = loader.get_mark() if loader is not None else None
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError("", f"{where}not valid YAML: an escape sequence or value out of range") from None
+    except RecursionError:
+        raise ConfigError("", f"not valid YAML: nested too deeply (more than {MAX_DEPTH} levels)") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:
         data = {}
     settings = from_dict(Settings, data)
@@ -587,7 +884,7 @@ def from_dict(cls: type[T], data: Any, key: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        sub = f"{key}.{name}" if key else str(name)
+        sub = f"{key}.{_key_part(name)}" if key else _key_part(name)
         if name not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(sub, f"unknown key (known keys here: {known})")
@@ -604,8 +901,30 @@ def from_dict(cls: type[T], data: Any, key: str = "") -> T:
     return obj
 
 
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, Mapping | list) else type(value).__name__
+def _key_part(name: object) -> str:
+    """A YAML key as it appears in an error's key path (odd keys quoted and shortened)."""
+    if isinstance(name, str) and name.isprintable() and 0 < len(name) <= 60:
+        return name
+    if isinstance(name, int) and not isinstance(name, bool) and abs(name) < 10**18:
+        return str(name)
+    return _show(name)
+
+
+def _describe(value: Any, key: str = "") -> str:
+    if isinstance(value, Mapping | list) or key.rsplit(".", 1)[-1] == "password":  # never echo a secret
+        return type(value).__name__
+    return f"{type(value).__name__} {_show(value)}"
+
+
+def _text(value: str, key: str, what: str = "string") -> str:
+    """Strings reach C libraries, topics and file names: no NUL, and encodable as UTF-8."""
+    if "\x00" in value:
+        raise ConfigError(key, f"the {what} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(key, f"the {what} is not valid Unicode (a lone surrogate escape)") from None
+    return value
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -623,44 +942,59 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 errors.append(exc.problem)
         raise ConfigError(key, "; ".join(errors))
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        if isinstance(value, Mapping | list) or value not in args:
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {_describe(value, key)}")
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, key)  # type: ignore[arg-type]
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
-            raise ConfigError(key, f"expected a list, got {_describe(value)}")
+            raise ConfigError(key, f"expected a list, got {_describe(value, key)}")
         item = args[0] if args else Any
         items = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(key, f"expected a mapping, got {_describe(value)}")
+            raise ConfigError(key, f"expected a mapping, got {_describe(value, key)}")
         kt, vt = args
-        return {_convert(kt, k, f"{key}.{k}"): _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
+        return {_convert(kt, k, f"{key}.{_key_part(k)}"): _convert(vt, v, f"{key}.{_key_part(k)}")
+                for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {_describe(value)}")
+            raise ConfigError(key, f"expected true or false, got {_describe(value, key)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {_describe(value)}")
+            raise ConfigError(key, f"expected an integer, got {_describe(value, key)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, f"expected a number, got {_describe(value)}")
-        return float(value)
+            raise ConfigError(key, f"expected a number, got {_describe(value, key)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ConfigError(key, f"number out of range: {_show(value)}") from None
+        if not math.isfinite(number):
+            raise ConfigError(key, f"expected a finite number, got {_show(number)}")
+        return number
     if tp is str:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ConfigError(key, f"expected a string, got {_describe(value)}")
-        return str(value)
+            raise ConfigError(key, f"expected a string, got {_describe(value, key)}")
+        if isinstance(value, str):
+            return _text(value, key)
+        try:
+            return str(value)
+        except ValueError:  # an integer too long to print
+            raise ConfigError(key, "expected a string, got an integer of thousands of digits") from None
     if tp is Path:
         if not isinstance(value, str) or not value:
-            raise ConfigError(key, f"expected a file path, got {_describe(value)}")
-        return Path(value).expanduser()
+            raise ConfigError(key, f"expected a file path, got {_describe(value, key)}")
+        try:
+            return Path(_text(value, key, "path")).expanduser()
+        except RuntimeError as exc:  # ~user of an unknown user
+            raise ConfigError(key, f"cannot expand {_show(value)}: {exc}") from None
     raise ConfigError(key, f"unsupported setting type {tp!r}")
 
 
@@ -686,3 +1020,114 @@ def _resolve_value(value: Any, base_dir: Path) -> Any:
         items = tuple(_resolve_value(v, base_dir) for v in value)
         return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
     return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the host must provide (after paths are resolved)
+
+
+def check_host(s: Settings, running: Settings | None = None) -> None:
+    """Check what ``kwsd run`` needs besides the file itself: the model and its tokens, replayed files, TLS and
+    password files, a writable state folder, a free metrics port. ``running``: see :func:`load_for_run`."""
+    check_model(s.model, s.detector)
+    for i, inp in enumerate(s.inputs):
+        _check_replay_file(inp, f"inputs[{i}]")
+    if s.mqtt.enabled:
+        if s.mqtt.tls.active:
+            s.mqtt.tls.ssl_context("mqtt.tls")
+        if s.mqtt.password_file is not None:
+            s.mqtt.read_password("mqtt")
+        _check_state_dir(s.service)
+    if s.service.metrics.enabled:
+        held = running is not None and running.service.metrics == s.service.metrics
+        if not held:
+            _check_port_free(s.service.metrics, "service.metrics")
+
+
+def check_model(model: ModelSettings, detector: DetectorSettings) -> None:
+    """The model file is an ONNX exported by kwsd whose contract fits, and it can spell every keyword."""
+    from kwsd.kws.contract import ContractError, read_contract
+    from kwsd.kws.decoder import KeywordError, tokenize
+
+    try:
+        contract = read_contract(model.path)
+    except ContractError as exc:
+        raise ConfigError("model.path", str(exc)) from None
+    for i, kw in enumerate(detector.keywords):
+        try:
+            tokenize(kw.phrase, contract.tokens)
+        except KeywordError as exc:
+            raise ConfigError(f"detector.keywords[{i}].phrase", str(exc)) from None
+    if detector.top_k > len(contract.tokens):
+        raise ConfigError("detector.top_k", f"must be at most the model's {len(contract.tokens)} tokens, "
+                          f"got {detector.top_k}")
+
+
+def _check_replay_file(inp: InputSettings, key: str) -> None:
+    """A file to replay must open as the replay source opens it (live devices may come later)."""
+    from kwsd.audio.capture import resolve_kind
+    from kwsd.audio.wavfile import AudioFileError, AudioReader
+
+    if resolve_kind(inp) != "file":
+        return
+    path = Path(inp.device)
+    try:
+        with AudioReader(path) as reader:
+            rate, channels = reader.rate, reader.channels
+    except AudioFileError as exc:
+        raise ConfigError(f"{key}.device", f"cannot replay {exc}") from None
+    if inp.rate and inp.rate != rate:
+        raise ConfigError(f"{key}.rate", f"{path} is {rate} Hz, but rate says {inp.rate}")
+    needed = max(inp.site_map()) + 1
+    if needed > channels:
+        raise ConfigError(f"{key}.sites", f"{path} has {channels} channel(s); sites need channel {needed - 1}")
+
+
+def _check_state_dir(service: ServiceSettings) -> None:
+    """The state folder (and its outbox) can be created or written by this user, and so can the files in it."""
+    state = service.state_path()
+    how = "" if service.state_dir is not None else " (unset: $STATE_DIRECTORY, else the default)"
+    key = "service.state_dir"
+    outbox = state / "outbox"
+    for folder in (state, outbox):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(key, f"{folder}{how} is not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(key, f"{folder}{how} is not writable by this user (uid {os.getuid()})")
+            continue
+        parent = folder.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(key, f"{folder}{how} does not exist and cannot be created: {parent} is not a "
+                              f"writable folder for this user (uid {os.getuid()})")
+        return
+    try:
+        files = [p for p in outbox.iterdir() if p.is_file()]
+    except OSError as exc:
+        raise ConfigError(key, f"cannot list {outbox}: {exc.strerror or exc}") from None
+    for file in files:
+        if not os.access(file, os.R_OK | os.W_OK):
+            raise ConfigError(key, f"{file} is not readable and writable by this user (uid {os.getuid()}); "
+                              "was kwsd run as another user (root) before?")
+
+
+def _check_port_free(metrics: MetricsSettings, key: str) -> None:
+    """Bind the metrics address and port the way the endpoint will, then let go."""
+    try:
+        infos = socket.getaddrinfo(metrics.address, metrics.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise ConfigError(f"{key}.address", f"cannot resolve {_show(metrics.address)}: {reason}") from None
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"{key}.port", f"{metrics.address}:{metrics.port} is already in use (by another "
+                                  "program, or by a kwsd that is running)") from None
+            raise ConfigError(f"{key}.address", f"cannot listen on {metrics.address}:{metrics.port}: "
+                              f"{exc.strerror or exc}") from None

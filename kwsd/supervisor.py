@@ -62,7 +62,7 @@ def open_session(s: ModelSettings) -> ModelSession:
     except ModelError as exc:
         raise StartupError(f"model.path: {exc}") from exc
     warm = session.warm_up()
-    log.info("model %s on %s (warm-up %.0f ms)", s.path, session.provider, warm * 1000)
+    log.info("model %s on %s (warm-up %.0f ms)", s.path, session.describe(), warm * 1000)
     return session
 
 
@@ -361,6 +361,8 @@ class Daemon:
         self._seen[key] = (id(source), value)
 
     def _update_metrics(self) -> None:
+        if self.pipeline is not None:
+            self.metrics.set_provider(self.pipeline.parts.session.provider)
         if self.hub is not None:
             for name, st in self.hub.status(remote=True).items():
                 self._count(f"overruns:{name}", self.hub, st.overruns, partial(self.metrics.overrun, name))
@@ -507,7 +509,7 @@ class Daemon:
         with self._reload_lock:
             self.notifier.reloading("reloading configuration")
             try:
-                new = settings_mod.load(self.config_path)
+                new = settings_mod.load_for_run(self.config_path, self.settings)
                 plan = self._prepare(new)
             except Exception as exc:  # whatever it is, the running configuration must survive it
                 message = str(exc) if isinstance(exc, settings_mod.ConfigError | StartupError) else describe(exc)

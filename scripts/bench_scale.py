@@ -48,6 +48,10 @@ class Row:
     worst: float
     rss_mb: float
     detections: int
+    cpu_ms_stream: float = 0.0
+    """Process CPU milliseconds per stream per second of audio (10 = 1 % of a core per stream)."""
+    stages: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    """Microseconds per stream per 100 ms step: accept, features, model, decoder (busy wall time)."""
 
     @property
     def realtime(self) -> bool:
@@ -68,7 +72,8 @@ def steps_for(streams: int, seconds: float) -> int:
 
 
 def run_config(session: ModelSession, audio: np.ndarray, streams: int, steps: int, pace: bool,
-               stagger: bool = False, warm_steps: int = 3) -> tuple[float, float, np.ndarray, int]:
+               stagger: bool = False, warm_steps: int = 3
+               ) -> tuple[float, float, np.ndarray, int, tuple[float, float, float, float]]:
     """Busy seconds, CPU seconds, step durations and detections for ``streams`` streams over ``steps`` steps.
 
     Aligned: every stream's blocks start on the same sample, so all streams need their occasional second model
@@ -87,6 +92,7 @@ def run_config(session: ModelSession, audio: np.ndarray, streams: int, steps: in
     gc.collect()
     busy = 0.0
     cpu = 0.0
+    accept = 0.0
     next_start = time.perf_counter()
     for k in range(-warm_steps, steps):
         if pace:
@@ -94,40 +100,50 @@ def run_config(session: ModelSession, audio: np.ndarray, streams: int, steps: in
             if delay > 0:
                 time.sleep(delay)
             next_start = max(next_start + 0.1, time.perf_counter() - 0.1)
+        if k == 0:
+            det.timing = type(det.timing)()
         t0, c0 = time.perf_counter(), time.process_time()
         base = (k + warm_steps) * BLOCK
         for n, off, shift in zip(names, offsets, shifts, strict=True):
             det.accept(n, audio[off + max(base - shift, 0) : off + base + BLOCK - shift])
+        ta = time.perf_counter()
         detections += len(det.step())
         t1, c1 = time.perf_counter(), time.process_time()
         if k >= 0:
             durations[k] = t1 - t0
             busy += t1 - t0
             cpu += c1 - c0
-    return busy, cpu, durations, detections
+            accept += ta - t0
+    per = 1e6 / (steps * streams)
+    tm = det.timing
+    det.close()
+    return busy, cpu, durations, detections, (accept * per, tm.features * per, tm.model * per, tm.decoder * per)
 
 
 def measure(session: ModelSession, mode: str, audio: np.ndarray, streams: int, seconds: float,
             pace: bool, stagger: bool) -> Row:
     steps = steps_for(streams, seconds)
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    busy, _, durations, detections = run_config(session, audio, streams, steps, pace, stagger)
+    busy, step_cpu, durations, detections, stages = run_config(session, audio, streams, steps, pace, stagger)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return Row(session.provider.replace("ExecutionProvider", ""), mode, streams, steps, busy / (steps * 0.1),
                cpu / wall, float(np.percentile(durations, 50)), float(np.percentile(durations, 99)),
-               float(durations.max()), rss, detections)
+               float(durations.max()), rss, detections, 1000 * step_cpu / (steps * 0.1) / streams, stages)
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'provider':<8} {'mode':<9} {'streams':>7} {'audio s':>7} {'RTF':>7} {'CPU %':>6} {'p50 ms':>7} "
-            f"{'p99 ms':>7} {'max ms':>7} {'RSS MB':>7} {'hits':>5}  real time")
+    head = (f"{'provider':<8} {'mode':<9} {'streams':>7} {'audio s':>7} {'RTF':>7} {'CPU %':>6} {'CPU/str':>7} "
+            f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'acc us':>6} {'feat us':>7} {'model us':>8} {'dec us':>6} "
+            f"{'RSS MB':>7} {'hits':>5}  real time")
     print(head)
     print("-" * len(head))
     for r in rows:
+        a, f, m, d = r.stages
         print(f"{r.provider:<8} {r.mode:<9} {r.streams:>7} {r.steps / 10:>7.1f} {r.rtf:>7.4f} {100 * r.cpu:>6.1f} "
-              f"{1000 * r.p50:>7.2f} {1000 * r.p99:>7.2f} {1000 * r.worst:>7.2f} {r.rss_mb:>7.0f} "
-              f"{r.detections:>5}  {'yes' if r.realtime else 'NO'}")
+              f"{r.cpu_ms_stream / 10:>6.3f}% {1000 * r.p50:>7.2f} {1000 * r.p99:>7.2f} {1000 * r.worst:>7.2f} "
+              f"{a:>6.1f} {f:>7.1f} {m:>8.1f} {d:>6.1f} {r.rss_mb:>7.0f} {r.detections:>5}  "
+              f"{'yes' if r.realtime else 'NO'}")
 
 
 def main() -> int:
@@ -183,8 +199,12 @@ def main() -> int:
                 rows.append(row)
                 print(f"#   {row.provider} {mode} {n}: p99 {1000 * row.p99:.1f} ms", file=sys.stderr, flush=True)
     print_table(rows)
-    print("# RTF: busy time / audio time; CPU %: process CPU time / wall time (100 % = one core); p50/p99/max: one "
-          "step (accept 100 ms for every stream + step()); RSS: the process's peak so far (rows run in order)")
+    print("# RTF: busy time / audio time; CPU %: process CPU time / wall time (100 % = one core); CPU/str: CPU time "
+          "of the steps per stream, in % of one core; p50/p99/max: one step (accept 100 ms for every stream + "
+          "step()); acc/feat/model/dec us: wall microseconds per stream per step in accept(), feature extraction, "
+          "session.run and the decoders; RSS: the process's peak so far (rows run in order)")
+    load = os.getloadavg()
+    print(f"# load average during the run (shared machine): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for provider in sorted({r.provider for r in rows}):
         for mode in modes:
             ok = [r.streams for r in rows if r.provider == provider and r.mode == mode and r.realtime]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.signal import resample_poly
+from scipy.signal import firwin, resample_poly
 
-from kwsd.audio.resample import StreamResampler
+from kwsd.audio.resample import StreamResampler, lowpass
 
 
 def blockwise(r: StreamResampler, x: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -46,6 +46,11 @@ def test_no_click_at_block_boundaries(rate: int) -> None:
     d2 = np.abs(np.diff(y.astype(np.float64), 2))
     inner = [b for b in bounds if 200 < b < y.size - 200]
     assert d2[[b - 1 for b in inner]].max() <= d2[body].max() + 1
+
+
+@pytest.mark.parametrize(("taps", "cutoff"), [(61, 1 / 3), (8821, 1 / 441), (41, 1 / 2)])
+def test_filter_is_scipys_design(taps: int, cutoff: float) -> None:
+    assert np.abs(lowpass(taps, cutoff) - firwin(taps, cutoff, window=("kaiser", 5.0))).max() < 1e-15
 
 
 def test_same_rate_passes_through() -> None:

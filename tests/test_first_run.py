@@ -54,7 +54,7 @@ def test_readme_test_command_in_a_fresh_checkout(
         (upstream / entry.path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(audio_dir / entry.local_path, upstream / entry.path)
     model_server.root = upstream
-    stamp = Path(sys.prefix) / ".kwsd-installed[dev]"
+    stamp = Path(sys.prefix) / ".kwsd-installed[dev,cpu]"
     assert stamp.is_file() and stamp.stat().st_mtime >= (REPO / "pyproject.toml").stat().st_mtime, (
         f"{stamp} is missing or older than pyproject.toml: run scripts/setup --dev first")
     clone = fresh_copy(tmp_path / "kwsd")

@@ -222,6 +222,8 @@ def test_review_cli_errors_name_the_problem(tmp_path: Path) -> None:
     ("review: {near_miss_ratio: 1.5}", "review.near_miss_ratio"),
     ("review: {max_bytes: 10}", "review.max_bytes"),
     ("review: {max_days: 0}", "review.max_days"),
+    ("review: {max_days: .inf}", "review.max_days"),
+    ("review: {margin: 120}", "review.margin"),
     ("review: {window_days: -1}", "review.window_days"),
     ("review: {enable: true}", "review.enable"),
     ("detector: {site_thresholds: {porch: 0}}", "detector.site_thresholds.porch"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -12,11 +13,13 @@ log = logging.getLogger(__name__)
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "devices",
-        help="list capture devices (ALSA via PortAudio, PulseAudio sources) to use as inputs[].device",
+        help="list capture devices (ALSA via PortAudio, PulseAudio sources) to use as inputs[].device, and the "
+             "execution provider the model runs on",
         description="List what an input can capture from, by the name inputs[].device takes: PulseAudio "
         "sources (with rate and channel count) and ALSA capture cards. Names are stable across reboots; "
-        "device numbers are not.",
+        "device numbers are not. Then the execution provider the model really runs on, and why not the GPU.",
     )
+    p.add_argument("--config", type=Path, help="config file whose model settings to check (default: built-in)")
     p.set_defaults(func=run)
 
 
@@ -53,4 +56,24 @@ def run(args: argparse.Namespace) -> int:
     if plugins:
         print(f"ALSA plugins, not cards ({', '.join(plugins)}): 'default' and 'pulse' record the default "
               "PulseAudio source; name a source above instead")
+    return _print_inference(args)
+
+
+def _print_inference(args: argparse.Namespace) -> int:
+    from kwsd import settings
+    from kwsd.kws.session import describe_runtime
+
+    config = getattr(args, "config", None)
+    try:
+        s = settings.load(config) if config else settings.Settings()
+    except settings.ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    path = s.model.path
+    if not config:  # no config: the installed model or the checkout's, as kwsd detect finds it
+        from kwsd.model.locate import default_model
+
+        path = default_model()
+    print(f"Inference (model.providers {', '.join(s.model.providers)}; model {path}):")
+    print(f"  {describe_runtime(path, s.model.providers)}")
     return 0

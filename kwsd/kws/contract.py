@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 from kwsd.kws.features import FeatureConfig
 
@@ -90,3 +92,50 @@ class ModelContract:
         if not 0 <= contract.blank_id < len(tokens):
             raise ContractError(f"{name}: blank id {contract.blank_id} outside the token list")
         return contract
+
+
+Shape = Sequence[int | str | None]
+
+
+def check_interface(contract: ModelContract, inputs: Mapping[str, Shape], outputs: Collection[str],
+                    name: str = "model") -> None:
+    """The graph's inputs and outputs are the streaming interface ``contract`` describes."""
+    if set(inputs) != {INPUT_FEATS, INPUT_CACHE} or not {OUTPUT_PROBS, OUTPUT_CACHE} <= set(outputs):
+        raise ContractError(f"{name}: inputs {sorted(inputs)} / outputs {sorted(outputs)} are not the streaming "
+                            f"keyword-spotter interface")
+    cache = list(inputs[INPUT_CACHE][1:])
+    if cache != list(contract.cache_shape):
+        raise ContractError(f"{name}: cache input {cache} disagrees with its metadata {contract.cache_shape}")
+    feats = list(inputs[INPUT_FEATS])
+    if not feats or feats[-1] != contract.features.dim:
+        raise ContractError(f"{name}: feature input {feats} disagrees with its metadata "
+                            f"({contract.features.dim} dims)")
+
+
+def read_contract(path: Path) -> ModelContract:
+    """The contract of the ONNX file at ``path``, its interface checked, without creating an inference session."""
+    import onnx
+    import onnx.checker
+
+    if not path.is_file():
+        raise ContractError(f"model file {path} not found (run `kwsd model export`, or set model.path)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError for a file that is not an ONNX model
+        raise ContractError(f"model file {path} is not an ONNX model ({type(exc).__name__})") from None
+    name = f"model file {path}"
+    contract = ModelContract.from_metadata({p.key: p.value for p in model.metadata_props}, name)
+    try:  # what onnxruntime would refuse when it loads the graph: weights that do not fit their shapes, ...
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # onnx raises ValidationError, InferenceError and others
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ContractError(f"{name} is damaged: {first[:200]}") from None
+
+    def dims(value: Any) -> list[int | str | None]:
+        shape = value.type.tensor_type.shape
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = {i.name: dims(i) for i in model.graph.input if i.name not in initializers}
+    check_interface(contract, inputs, [o.name for o in model.graph.output], name)
+    return contract

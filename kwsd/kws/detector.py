@@ -32,7 +32,7 @@ from itertools import pairwise
 import numpy as np
 
 from kwsd.kws.decoder import NEAR_MISS_SETTLE, Hit, Keyword, KeywordDecoder, KeywordError, tokenize
-from kwsd.kws.features import FbankStream, LfrStacker
+from kwsd.kws.features import FbankStream, LfrStacker, fbank_batch
 from kwsd.kws.session import ModelSession
 from kwsd.settings import DetectorSettings, KeywordSettings
 
@@ -418,9 +418,8 @@ class Detector:
             stream.raw.append(block)
 
     def _extract(self, streams: list[_Stream]) -> None:
-        for stream in streams:
-            raw = stream.raw
-            fbank = stream.fbank.accept(raw[0] if len(raw) == 1 else np.concatenate(raw))
+        chunks = [s.raw[0] if len(s.raw) == 1 else np.concatenate(s.raw) for s in streams]
+        for stream, fbank in zip(streams, fbank_batch([s.fbank for s in streams], chunks), strict=True):
             stream.raw = []
             frames = stream.lfr.accept(fbank)
             if frames.shape[1]:
@@ -428,8 +427,8 @@ class Detector:
                 stream.pending_frames += frames.shape[1]
 
     def _extract_all(self) -> None:
-        """Features for every stream with audio accepted since the last step (the extractor releases the
-        interpreter lock, so ``threads`` threads work on separate streams at once)."""
+        """Features for every stream with audio accepted since the last step: one batched fbank pass per thread
+        (numpy releases the interpreter lock, so ``threads`` threads work on separate streams at once)."""
         if not self._raw:
             return
         t0 = time.perf_counter()

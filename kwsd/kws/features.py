@@ -2,8 +2,9 @@
 
 Two steps, so either can be replaced on its own:
 
-1. The 10 ms step: Kaldi fbank (kaldi-native-fbank: 80 mel bins, 25 ms window, 10 ms shift, hamming, int16-scale
-   samples, no dither), one frame per 10 ms (:class:`FbankStream`).
+1. The 10 ms step: Kaldi fbank (80 mel bins, 25 ms window, 10 ms shift, hamming, int16-scale samples, no dither;
+   equal to kaldi-native-fbank), one frame per 10 ms (:class:`FbankStream`), computed for many streams in one
+   vectorised pass (:func:`fbank_batch`, :mod:`kwsd.kws.fbank`).
 2. Splice + LFR per phase (:class:`LfrStacker`): model frame ``k`` of phase ``p`` splices fbank frames
    ``3k+p-2 .. 3k+p+2`` (the first fbank frame is repeated on the left at the start; the last one on the right
    when the stream ends), so one model frame covers 30 ms. The model was trained on phase 0 of every utterance;
@@ -18,9 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
-import kaldi_native_fbank as knf
 import numpy as np
+
+from kwsd.kws.fbank import BatchFbank, FbankState
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,10 @@ class FeatureConfig:
         last_fbank = self.lfr_stride * (frames - 1) + phase + self.lfr_right
         return self.frame_length + last_fbank * self.frame_shift
 
-    def fbank_options(self) -> knf.FbankOptions:
+    def fbank_options(self) -> Any:
+        """The same settings as kaldi-native-fbank options (the reference the batched front end is tested on)."""
+        import kaldi_native_fbank as knf
+
         opts = knf.FbankOptions()
         opts.frame_opts.samp_freq = float(self.sample_rate)
         opts.frame_opts.frame_length_ms = float(self.frame_length_ms)
@@ -84,37 +91,33 @@ class FbankStream:
 
     def __init__(self, config: FeatureConfig | None = None) -> None:
         self.config = config or FeatureConfig()
-        self._opts = self.config.fbank_options()
+        self._batch = batch_fbank(self.config)
         self.reset()
 
     def reset(self) -> None:
-        self._fbank = knf.OnlineFbank(self._opts)
-        self._read = 0  # fbank frames taken out of the extractor
+        self.state = FbankState()  # the samples the next frame still needs
 
     def accept(self, samples: np.ndarray) -> np.ndarray:
         """Feed 16 kHz samples (int16, or float on the int16 scale); return the fbank frames now complete."""
-        if samples.size:
-            # A list converts into the extractor's float vector several times faster than an array does.
-            self._fbank.accept_waveform(self.config.sample_rate,
-                                        np.asarray(samples, dtype=np.float32).ravel().tolist())
-        return self._pull()
+        return self._batch.compute([self.state], [samples])[0]
 
     def flush(self) -> np.ndarray:
         """End of the stream: the last fbank frames (snip_edges framing: none past the last full window)."""
-        self._fbank.input_finished()
-        return self._pull()
+        return np.empty((0, self.config.num_mel_bins), dtype=np.float32)
 
-    def _pull(self) -> np.ndarray:
-        fbank = self._fbank
-        ready = fbank.num_frames_ready
-        new = ready - self._read
-        out = np.empty((max(new, 0), self.config.num_mel_bins), dtype=np.float32)
-        for row, i in enumerate(range(self._read, ready)):
-            out[row] = fbank.get_frame(i)  # a view into the extractor: copied here before pop() frees it
-        if new > 0:
-            fbank.pop(new)
-            self._read = ready
-        return out
+
+@cache
+def batch_fbank(config: FeatureConfig) -> BatchFbank:
+    """The fbank extractor every stream with ``config`` shares (it holds only constants)."""
+    return BatchFbank.from_config(config)
+
+
+def fbank_batch(streams: Sequence[FbankStream], chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """:meth:`FbankStream.accept` for many streams (of one config) at once, in one vectorised pass; the same
+    frames as accepting each chunk alone."""
+    if not streams:
+        return []
+    return streams[0]._batch.compute([s.state for s in streams], chunks)
 
 
 class LfrStacker:

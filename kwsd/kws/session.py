@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
 import logging
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -12,11 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from kwsd.kws.contract import INPUT_CACHE, INPUT_FEATS, OUTPUT_CACHE, OUTPUT_PROBS, ContractError, ModelContract
+from kwsd.kws.contract import (
+    INPUT_CACHE,
+    INPUT_FEATS,
+    OUTPUT_CACHE,
+    OUTPUT_PROBS,
+    ContractError,
+    ModelContract,
+    check_interface,
+)
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+GPU_HINT = "install the GPU runtime with `scripts/setup --gpu` (pip extra `kwsd[gpu]`)"
 _SPLIT_MIN = 16
 """Fewest streams per thread worth a concurrent call of their own."""
 
@@ -37,6 +51,73 @@ def _create_session(path: str, options: Any, providers: list[str]) -> Any:
     return ort.InferenceSession(path, options, providers=providers)
 
 
+def gpu_count() -> int:
+    """NVIDIA GPUs the driver reports; 0 where there is no driver (the seam tests use to play a GPU host)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return int(count.value)
+
+
+def runtime_build() -> tuple[str, str]:
+    """The installed onnxruntime's package (``onnxruntime`` or ``onnxruntime-gpu``) and the CUDA version it was
+    built for (empty for a CPU build)."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except ImportError:
+        return "onnxruntime", ""
+    return str(getattr(info, "package_name", "onnxruntime")), str(getattr(info, "cuda_version", "") or "")
+
+
+def both_runtimes_installed() -> bool:
+    """``onnxruntime`` and ``onnxruntime-gpu`` in one environment overwrite each other's files."""
+    from importlib import metadata
+
+    found = 0
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            metadata.distribution(name)
+            found += 1
+    return found == 2
+
+
+def cuda_load_error() -> str | None:
+    """Why onnxruntime's CUDA provider library cannot be loaded (the loader names the missing library), or None
+    when it loads."""
+    import onnxruntime as ort
+
+    capi = os.path.join(os.path.dirname(ort.__file__), "capi")
+    try:
+        ctypes.CDLL(os.path.join(capi, "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(os.path.join(capi, "libonnxruntime_providers_cuda.so"))
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+def preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the ``nvidia-*`` wheels (the ``gpu`` extra) before the CUDA provider
+    needs them. onnxruntime prints what fails on stdout; that is logged here instead (stdout carries results)."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            preload(cuda=True, cudnn=True)
+    except Exception as exc:  # a broken CUDA install must not stop a CPU fallback
+        log.debug("preloading the CUDA libraries failed: %s", exc)
+    for line in out.getvalue().splitlines():
+        if line.strip():
+            log.debug("onnxruntime.preload_dlls: %s", line.strip())
+
+
 class ModelSession:
     """One model shared by every stream. ``run`` takes a batch of streams, each with its own cache row."""
 
@@ -47,7 +128,11 @@ class ModelSession:
         intra_op_threads: int = 1,
         max_batch: int = 4096,
     ) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ModelError("onnxruntime is not installed: install kwsd with its `cpu` or `gpu` extra "
+                             "(`scripts/setup`, or `scripts/setup --gpu` on an NVIDIA GPU host)") from exc
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -56,6 +141,10 @@ class ModelSession:
         ort.set_default_logger_severity(4)
         available = set(ort.get_available_providers())
         wanted = [p for p in providers if p != CPU]
+        self.provider_note = ""
+        """Why a requested GPU provider is not the one in use (empty when it is, or none was requested)."""
+        if CUDA in wanted:
+            wanted = self._negotiate_cuda(wanted, available)
         unknown = [p for p in wanted if p not in available]
         if unknown:
             log.info("execution providers %s are not available in this onnxruntime; using the rest", unknown)
@@ -76,10 +165,19 @@ class ModelSession:
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
             raise ModelError(f"model file {self.path} cannot be loaded: {exc}") from exc
         self.provider: str = self._session.get_providers()[0]
-        if chosen[0] != self.provider:
-            # Expected on a host without a GPU; on one with a GPU it means the GPU goes unused.
-            level = logging.WARNING if gpu_present() else logging.DEBUG
-            log.log(level, "%s could not be initialised; running on %s", chosen[0], self.provider)
+        """The execution provider actually running the model (onnxruntime falls back silently)."""
+        if chosen[0] == CUDA and self.provider != CUDA:
+            reason = cuda_load_error()
+            if reason is None:
+                self.provider_note = "the CUDA provider loads but could not start on the GPU (driver or device)"
+            elif "libcuda.so" in reason:
+                self.provider_note = f"the CUDA provider cannot load: {reason}; install the NVIDIA driver"
+            else:
+                self.provider_note = f"the CUDA provider cannot load: {reason}; {GPU_HINT}"
+            log.warning("CUDA was requested (model.providers) and %d GPU(s) are present, but %s; running on %s",
+                        gpu_count(), self.provider_note, self.provider)
+        elif chosen[0] != self.provider:
+            log.info("%s could not be initialised; running on %s", chosen[0], self.provider)
         try:
             meta = self._session.get_modelmeta().custom_metadata_map
             self.contract = ModelContract.from_metadata(meta, str(self.path))
@@ -93,19 +191,44 @@ class ModelSession:
         """Run through an I/O binding (on a GPU: inputs copied once, outputs copied back once per call); the CPU
         provider reads and writes the numpy arrays directly either way."""
 
+    def _negotiate_cuda(self, wanted: list[str], available: set[str]) -> list[str]:
+        """Keep CUDA in ``wanted`` only where it can work; say why not where a GPU is present.
+
+        Hosts without an NVIDIA GPU drop it quietly: the default providers name CUDA first for GPU hosts.
+        """
+        if both_runtimes_installed():
+            log.warning("onnxruntime and onnxruntime-gpu are both installed in this environment and overwrite each "
+                        "other's files: keep one (`scripts/setup` or `scripts/setup --gpu` reinstalls the right one)")
+        gpus = gpu_count()
+        package, cuda_version = runtime_build()
+        if gpus == 0 and not gpu_present():
+            self.provider_note = "no NVIDIA GPU found"
+            log.debug("no NVIDIA GPU (libcuda.so.1 absent or no device): not trying %s", CUDA)
+            return [p for p in wanted if p != CUDA]
+        if CUDA not in available or not cuda_version:
+            self.provider_note = f"this onnxruntime ({package}) has no CUDA provider; {GPU_HINT}"
+            log.warning("CUDA was requested (model.providers) and %d GPU(s) are present, but %s; running on CPU",
+                        gpus, self.provider_note)
+            return [p for p in wanted if p != CUDA]
+        preload_cuda_libraries()
+        return wanted
+
+    def describe(self) -> str:
+        """One line for ``kwsd devices`` and logs: the provider in use, the runtime, and why not the GPU."""
+        import onnxruntime as ort
+
+        package, cuda_version = runtime_build()
+        build = f"{package} {ort.__version__}" + (f", CUDA {cuda_version} build" if cuda_version else "")
+        note = f"; {self.provider_note}" if self.provider_note else ""
+        return f"{self.provider} ({build}{note})"
+
     def _check_io(self) -> None:
         inputs = {i.name: i.shape for i in self._session.get_inputs()}
-        outputs = {o.name for o in self._session.get_outputs()}
-        if set(inputs) != {INPUT_FEATS, INPUT_CACHE} or not {OUTPUT_PROBS, OUTPUT_CACHE} <= outputs:
-            raise ModelError(f"model file {self.path}: inputs {sorted(inputs)} / outputs {sorted(outputs)} are not "
-                             f"the streaming keyword-spotter interface")
-        cache = inputs[INPUT_CACHE][1:]
-        if [int(d) if isinstance(d, int) else d for d in cache] != list(self.contract.cache_shape):
-            raise ModelError(f"model file {self.path}: cache input {cache} disagrees with its metadata "
-                             f"{self.contract.cache_shape}")
-        if inputs[INPUT_FEATS][-1] != self.contract.features.dim:
-            raise ModelError(f"model file {self.path}: feature input {inputs[INPUT_FEATS]} disagrees with its "
-                             f"metadata ({self.contract.features.dim} dims)")
+        outputs = [o.name for o in self._session.get_outputs()]
+        try:
+            check_interface(self.contract, inputs, outputs, f"model file {self.path}")
+        except ContractError as exc:
+            raise ModelError(str(exc)) from exc
 
     def new_cache(self, batch: int = 1) -> np.ndarray:
         return np.zeros((batch, *self.contract.cache_shape), dtype=np.float32)
@@ -161,3 +284,16 @@ class ModelSession:
         t0 = time.perf_counter()
         self.run(np.zeros((batch, frames, self.contract.features.dim), dtype=np.float32), self.new_cache(batch))
         return time.perf_counter() - t0
+
+
+def describe_runtime(path: str | Path, providers: Sequence[str]) -> str:
+    """The execution provider the model at ``path`` would run on with ``providers``, and why (``kwsd devices``).
+
+    Builds a session, so CUDA is really tried; a missing model or runtime is described, not raised.
+    """
+    try:
+        return ModelSession(path, providers).describe()
+    except ModelError as exc:
+        package, cuda_version = runtime_build()
+        build = package + (f", CUDA {cuda_version} build" if cuda_version else "")
+        return f"unknown ({exc}; runtime {build}, {gpu_count()} NVIDIA GPU(s))"

@@ -2,9 +2,10 @@
 
 Graph: ``feats [B, T, 400]`` (spliced, un-normalised fbank) and ``cache [B, layers, 128, 11]`` in; ``probs [B, T,
 2599]`` (posteriors) and ``cache_out`` out. CMVN is folded into the first affine layer. Each Fsmn layer concatenates
-its cached past frames with the new ones and runs one depthwise convolution whose taps are the left filter, the
-identity and the right filter; its output for a frame is therefore produced ROrder frames later (8 frames over four
-layers: the model's look-ahead), and any chunking of the input with the cache carried gives the same outputs.
+its cached past frames with the new ones and runs a depthwise filter (one multiply-add per tap over time-shifted
+views) whose taps are the left filter, the identity and the right filter; its output for a frame is therefore
+produced ROrder frames later (8 frames over four layers: the model's look-ahead), and any chunking of the input with
+the cache carried gives the same outputs.
 
 Verification, before the file is moved into place: the ONNX must agree with the independent numpy forward pass
 (``reference.py``) to 1e-4 on real features, chunks of 1, 7 and 50 frames must equal one call over the whole input,
@@ -132,6 +133,13 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
         nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
+    def _slice(t: str, start: int, end: int | None) -> str:
+        """``t[:, start:end]`` along time (axis 1)."""
+        stop = np.iinfo(np.int64).max if end is None else end
+        return node("Slice", [t, const("start", np.array([start], dtype=np.int64)),
+                              const("end", np.array([stop], dtype=np.int64)),
+                              const("axis", np.array([1], dtype=np.int64))])
+
     x = INPUT_FEATS
     new_caches: list[str] = []
     layer = 0
@@ -149,17 +157,20 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
         elif comp.kind == "RectifiedLinear":
             x = node("Relu", [x])
         elif comp.kind == "Fsmn":
-            xt = node("Transpose", [x], perm=[0, 2, 1])  # [B, dim, T]
             cache = node("Gather", [INPUT_CACHE, const("layer", np.array(layer, dtype=np.int64))], axis=1)
-            y = node("Concat", [cache, xt], axis=2)  # [B, dim, cache_frames + T]
+            y = node("Concat", [node("Transpose", [cache], perm=[0, 2, 1]), x], axis=1)  # [B, cache + T, dim]
             new_caches.append(node("Unsqueeze", [
-                node("Slice", [y, const("start", np.array([-cache_frames], dtype=np.int64)),
-                               const("end", np.array([np.iinfo(np.int64).max], dtype=np.int64)),
-                               const("axis", np.array([2], dtype=np.int64))]),
+                node("Transpose", [_slice(y, -cache_frames, None)], perm=[0, 2, 1]),
                 const("axis", np.array([1], dtype=np.int64))]))
-            conv = node("Conv", [y, const("taps", _fsmn_kernel(comp))], group=comp.input_dim,
-                        kernel_shape=[past + future + 1])
-            x = node("Transpose", [conv], perm=[0, 2, 1])
+            # The depthwise filter as one multiply-add per tap on time-shifted views: onnxruntime's grouped Conv
+            # runs one tiny matrix product per stream and channel, over half of a batch's time.
+            taps = _fsmn_kernel(comp)[:, 0, :]  # [dim, K]
+            width = taps.shape[1]
+            acc = ""
+            for k in range(width):
+                term = node("Mul", [_slice(y, k, k - (width - 1) or None), const("tap", taps[:, k].copy())])
+                acc = term if not acc else node("Add", [acc, term])
+            x = acc
             layer += 1
         elif comp.kind == "Softmax":
             x = node("Softmax", [x], axis=-1)

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Start-up figures, whole process: ``kwsd detect`` on one clip and on every dev clip, and ``kwsd run`` to READY=1.
+
+Each checkout given (default: this one) is measured with its own virtual environment, the runs interleaved so a
+shared machine's load falls on all of them alike; prints median and best of ``--runs``.
+
+    KWSD_TEST_AUDIO=../shared/audio/xiaoyun .venv/bin/python scripts/bench_startup.py [--runs 7]
+        [--checkout ../main ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def timed(cmd: list[str], cwd: Path) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120)
+    took = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-500:]}")
+    return took
+
+
+def time_to_ready(python: Path, cwd: Path, model: Path, tmp: Path) -> float:
+    """``kwsd run`` with one silent real-time WAV input and no MQTT, as systemd starts it (NOTIFY_SOCKET)."""
+    wav = tmp / "silence.wav"
+    if not wav.exists():
+        import wave
+
+        with wave.open(str(wav), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes(b"\0\0" * 16000 * 30)
+    conf = tmp / "config.yaml"
+    conf.write_text(yaml.safe_dump({
+        "model": {"path": str(model), "providers": ["CPUExecutionProvider"]},
+        "inputs": [{"device": str(wav), "kind": "file", "realtime": True, "sites": {0: "site0"}}],
+        "mqtt": {"enabled": False},
+        "service": {"state_dir": str(tmp / "state"), "log_level": "warning"},
+    }))
+    sock_path = tmp / "notify.sock"
+    sock_path.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(sock_path))
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(python), "-m", "kwsd", "run", "--config", str(conf)], cwd=cwd, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sock.settimeout(0.2)
+        try:
+            while time.perf_counter() - t0 < 60:
+                if proc.poll() is not None:
+                    sys.exit(f"{python} -m kwsd run exited with {proc.returncode} before READY=1 (in {cwd})")
+                try:
+                    if b"READY=1" in sock.recv(4096):
+                        return time.perf_counter() - t0
+                except TimeoutError:
+                    pass
+            sys.exit(f"{python} -m kwsd run sent no READY=1 within 60 s (in {cwd})")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--checkout", type=Path, action="append",
+                    help="a kwsd checkout with its own .venv (repeatable; default: this one)")
+    ap.add_argument("--model", type=Path, help="exported model for every checkout (default: each one's own "
+                    "models/kwsd-xiaoyun.onnx)")
+    args = ap.parse_args()
+    audio = Path(os.environ.get("KWSD_TEST_AUDIO", ""))
+    clips = sorted(audio.glob("*/*.wav"))
+    if not clips:
+        sys.exit("set KWSD_TEST_AUDIO to the folder of recordings")
+    one = next(c for c in clips if "positive" in str(c))
+    checkouts = [c.resolve() for c in (args.checkout or [REPO])]
+    results: dict[tuple[Path, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for _ in range(args.runs):
+            for co in checkouts:
+                python = co / ".venv/bin/python"
+                model = args.model or co / "models/kwsd-xiaoyun.onnx"
+                detect = [str(python), "-m", "kwsd", "detect", "--model", str(model)]
+                results.setdefault((co, "detect, 1 clip"), []).append(timed([*detect, str(one)], co))
+                results.setdefault((co, f"detect, {len(clips)} clips"), []).append(
+                    timed([*detect, *map(str, clips)], co))
+                results.setdefault((co, "run to READY=1"), []).append(time_to_ready(python, co, model, tmp))
+    load = os.getloadavg()
+    print(f"whole-process wall time, {args.runs} runs each, interleaved; {os.cpu_count()} CPUs, load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"{'checkout':<28} {'case':<20} {'median s':>9} {'best s':>7}")
+    for (co, case), times in results.items():
+        print(f"{str(co)[-28:]:<28} {case:<20} {statistics.median(times):>9.3f} {min(times):>7.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
