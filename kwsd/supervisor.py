@@ -566,6 +566,8 @@ class Daemon:
                 if status != self._status_text or now - self._last_status >= interval:
                     self.notifier.status(status)
                     self._status_text = status
+                if self.publisher is not None:
+                    self.publisher.set_summary({"status": status, **self.metrics.summary()})
                 self._last_status = now
         self.shutdown()
         return 0

@@ -104,6 +104,30 @@ def test_wake_reaches_native_hermes_and_home_assistant_topics(broker: Broker, tm
     assert [m.payload for m in sub.messages if m.topic == "kwsd/status"][-1:] in ([b"offline"], [b"online"])
 
 
+def test_summary_is_retained_and_sent_only_when_it_changes(broker: Broker, tmp_path: Path) -> None:
+    pub = running(Publisher(settings(broker), tmp_path / "outbox", ["kitchen"]))
+    sub = Subscriber(broker, "kwsd/summary")
+    try:
+        pub.set_summary({"status": "CPU; 1 sites; 0 detections", "detections": {}})
+        [first] = sub.wait_for(1, "kwsd/summary")
+        assert json.loads(first.payload)["status"] == "CPU; 1 sites; 0 detections"
+        pub.set_summary({"detections": {}, "status": "CPU; 1 sites; 0 detections"})  # the same figures
+        pub.set_summary({"status": "CPU; 1 sites; 1 detections", "detections": {"kitchen": {"小云小云": 1}}})
+        second = sub.wait_for(2, "kwsd/summary")[1]
+        assert json.loads(second.payload)["detections"] == {"kitchen": {"小云小云": 1}}
+        time.sleep(0.3)
+        assert len(sub.wait_for(2, "kwsd/summary")) == 2
+        late = Subscriber(broker, "kwsd/summary")  # a hub that connects later gets the last figures at once
+        try:
+            [kept] = late.wait_for(1, "kwsd/summary")
+            assert kept.retain and kept.payload == second.payload
+        finally:
+            late.close()
+    finally:
+        pub.stop()
+        sub.close()
+
+
 def test_clean_stop_leaves_offline_retained(broker: Broker, tmp_path: Path) -> None:
     pub = running(Publisher(settings(broker), tmp_path / "outbox", ["a"]))
     pub.stop()

@@ -219,6 +219,25 @@ def test_review_loop_through_the_daemon(broker: Broker, notify: NotifySocket, mo
                              "near_misses_total": 1.0}
         daemon.wait_for(lambda: any("1 false wakes, effective 0%" in line for line in notify.lines("STATUS=")),
                         10, "the review figures in STATUS=")
+
+        # ... and in the retained summary message, which a late subscriber gets at once.
+        def retained_summary() -> dict | None:
+            late = Subscriber(broker, "kwsd/summary")
+            try:
+                [msg] = late.wait_for(1, "kwsd/summary", timeout=5)
+            finally:
+                late.close()
+            assert msg.retain
+            summary = json.loads(msg.payload)
+            review = summary["review"]
+            ok = review["false_wakes"].get("kitchen", {}).get("小云小云") == 1 and \
+                review["effective_wake_rate"].get("porch", {}).get("小云小云") == 0.0
+            return summary if ok else None
+
+        wait_until(lambda: retained_summary() is not None, 15, "the review figures in the retained summary")
+        summary = retained_summary()
+        assert summary is not None and "1 false wakes, effective 0%" in summary["status"]
+        assert summary["detections"]["kitchen"]["小云小云"] == 1
         assert daemon.proc.poll() is None
     finally:
         rc = daemon.terminate() if daemon.proc.poll() is None else daemon.proc.returncode

@@ -11,11 +11,12 @@ subscriptions. Toggle state and satellite audio belong to the caller: the publis
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -149,6 +150,8 @@ class Publisher:
         self._announced: tuple[str, ...] = ()
         self._unavailable: set[str] = set()
         self._announce_pending = False
+        self._summary: bytes | None = None
+        self._summary_pending = False
         self._handoff: collections.deque[_Item] = collections.deque()
         self._handoff_bytes = 0
         self._handoff_dropped = 0
@@ -301,11 +304,25 @@ class Publisher:
             self._announce_pending = True
         self.connection.wake()
 
+    def set_summary(self, summary: Mapping[str, Any]) -> None:
+        """The daemon's figures as retained JSON on ``<prefix>/summary``; sent when they change. Any thread."""
+        payload = json.dumps(summary, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8")
+        with self._lock:
+            if payload == self._summary:
+                return
+            self._summary = payload
+            self._summary_pending = True
+        self.connection.wake()
+
     # ---- topics -------------------------------------------------------------------------------------------
 
     @property
     def status_topic(self) -> str:
         return f"{self.settings.prefix}/status"
+
+    @property
+    def summary_topic(self) -> str:
+        return f"{self.settings.prefix}/summary"
 
     def site_status_topic(self, site: str) -> str:
         return f"{self.settings.prefix}/{site}/status"
@@ -332,6 +349,10 @@ class Publisher:
     def on_connected(self, session: Session) -> None:
         session.send(self.status_topic, ONLINE, qos=1, retain=True)
         self._announce(session)
+        with self._lock:
+            summary, self._summary_pending = self._summary, False
+        if summary is not None:
+            session.send(self.summary_topic, summary, qos=0, retain=True)
 
     def on_closing(self, session: Session) -> list[mqtt.MQTTMessageInfo]:
         infos = [session.send(self.site_status_topic(site), OFFLINE, qos=1, retain=True) for site in self._announced]
@@ -347,6 +368,9 @@ class Publisher:
             announce = self._announce_pending and session is not None
             if announce:
                 self._announce_pending = False
+            summary = self._summary if self._summary_pending and session is not None else None
+            if summary is not None:
+                self._summary_pending = False
         for item in items:
             try:
                 if item.kind == "wake":
@@ -360,6 +384,8 @@ class Publisher:
                 self._reject_errors.error(f"a {item.kind}: {describe(exc)}", exc)
         if announce and session is not None:
             self._announce(session)
+        if summary is not None and session is not None:
+            session.send(self.summary_topic, summary, qos=0, retain=True)
 
     def _put(self, topic: str, payload: bytes, qos: int, kind: Kind = "event") -> None:
         try:
