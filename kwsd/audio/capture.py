@@ -27,7 +27,7 @@ from kwsd.audio import portaudio
 from kwsd.audio.resample import StreamResampler
 from kwsd.audio.ring import Ring
 from kwsd.audio.wavfile import AUDIO_SUFFIXES, AudioFileError, AudioReader
-from kwsd.lifecycle import RUNNING, WAITING, Finished, Liveness, Part, describe, supervise
+from kwsd.lifecycle import RUNNING, WAITING, Finished, Liveness, Part, describe, name_os_thread, supervise
 from kwsd.settings import InputSettings
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,7 @@ class _ReplaySource(_Source):
         return self._fh.read(frames * 2 * self.channels)
 
     def _feed(self) -> None:
+        name_os_thread(threading.current_thread().name)
         block = max(1, self.rate * self.settings.block_ms // 1000)
         t0 = time.monotonic()
         sent = 0
