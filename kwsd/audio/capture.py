@@ -307,6 +307,8 @@ class InputWorker:
         self._source_overruns = 0
         self._native_cursor = 0
         self._delivered_since_open = False
+        self.on_state: Callable[[], None] | None = None
+        """Called after the input changed state."""
 
     def start(self) -> None:
         """Start the input's supervised thread."""
@@ -386,6 +388,8 @@ class InputWorker:
             log.warning("input %s: reopening: %s", st.name, error)
         else:
             log.error("input %s: %s: %s", st.name, state, error)
+        if changed and self.on_state is not None:
+            self.on_state()
 
     def _beat(self, within: float | None = None, state: str = RUNNING, detail: str = "", force: bool = False) -> None:
         """Tell the liveness registry where this input stands (at most every 0.1 s while running)."""

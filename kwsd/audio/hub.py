@@ -213,6 +213,8 @@ class AudioHub:
         """Remote sites refused (limit, bad siteId)."""
         self.on_sites_changed: Callable[[], None] | None = None
         """Called (on the thread that made the change) after sites were added or removed."""
+        self.on_input_state: Callable[[], None] | None = None
+        """Called (on the input's thread) after a local input changed state (running, reopening, ...)."""
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def _make(self, settings: InputSettings, others: Sequence[InputWorker]) -> InputWorker:
@@ -221,7 +223,9 @@ class AudioHub:
         while name in taken:
             name = f"input:{settings.label}#{n}"
             n += 1
-        return InputWorker(settings, self._stop, self._notify, self.liveness, name)
+        worker = InputWorker(settings, self._stop, self._notify, self.liveness, name)
+        worker.on_state = self._input_state
+        return worker
 
     def _index(self) -> dict[str, InputWorker | RemoteInput]:
         out: dict[str, InputWorker | RemoteInput] = {site: w for w in self._workers for site in w.rings}
@@ -387,6 +391,11 @@ class AudioHub:
             self.generation += 1
         log.info("site %s: remote %s dropped (%s)", remote.site, remote.origin, why)
         self._sites_changed()
+
+    def _input_state(self) -> None:
+        callback = self.on_input_state
+        if callback is not None:
+            callback()
 
     def _sites_changed(self) -> None:
         callback = self.on_sites_changed
