@@ -466,6 +466,8 @@ class AudioHub:
         without one: any unread audio), until ``wake``, or ``timeout`` seconds / stop. True when woken early."""
         with self._cond:
             self._targets = dict(targets or {})
+            for w in self._workers:  # each input wakes its own thread only once its sites have that much
+                w.want({site: self._targets[site] for site in w.rings if site in self._targets})
 
             def ready() -> bool:
                 return self._stop.is_set() or self._woken or any(self._reached(w) for w in self._inputs())
