@@ -10,7 +10,9 @@ while it is empty, so a dead or stuck thread never hides behind a healthy status
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -204,6 +206,20 @@ class Part:
         return self.stop.wait(seconds)
 
 
+_PR_SET_NAME = 15
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` in the kernel too (``top -H``, ``/proc/<pid>/task/*/comm``; the kernel
+    keeps the first 15 bytes). Best effort: nothing happens where the call is not available."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode("utf-8", "replace")[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_supervised(
     name: str,
     body: Callable[[Part], None],
@@ -222,6 +238,7 @@ def run_supervised(
     ``Liveness.overdue()`` names it and the watchdog lets systemd restart the whole service. A body that ran
     for longer than the longest backoff before failing counts as a fresh start.
     """
+    name_os_thread(threading.current_thread().name)
     backoff = backoff or Backoff()
     errors = ErrorOnce(logger or log, name)
     part = Part(name, stop, liveness, beat_within)

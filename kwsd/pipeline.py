@@ -39,8 +39,9 @@ SAMPLE_RATE = 16000
 # Most audio per site fed before a detector step. A backlog (fast file replay, a burst of remote audio) is cut
 # into rounds of this size, so a wake is found while its keyword is still in the segment recorder's look-back.
 ROUND_SAMPLES = SAMPLE_RATE // 2
-PASS_WAIT = 0.25
-"""Longest sleep between passes (seconds); the pipeline beats at least this often."""
+PASS_WAIT = 1.0
+"""Longest sleep between passes (seconds) when no site's next step is complete; the pipeline beats at least this
+often."""
 BEAT_WITHIN = 10.0
 """The pipeline promises a beat within this many seconds: a pass stuck longer stops the watchdog."""
 SWAP_REPLAY = 3 * SAMPLE_RATE
@@ -225,8 +226,7 @@ class Pipeline:
             self._runs += 1
         last_slow = time.monotonic()
         while not part.stopping:
-            self.hub.wait(PASS_WAIT, self.targets())
-            self.run_once()
+            self.run_once()  # at once on a (re)start, then whenever a site completes a step
             part.beat()
             now = time.monotonic()
             if now - last_slow >= 1.0:
@@ -235,6 +235,7 @@ class Pipeline:
                 if self.audio_seconds > 0:
                     self.metrics.set_real_time_factor(self.busy_seconds / self.audio_seconds)
                 self.metrics.set_streams(len(self.sites))
+            self.hub.wait(PASS_WAIT, self.targets())
         self.flush_segments()
 
     def targets(self) -> dict[str, int]:

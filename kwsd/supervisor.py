@@ -47,8 +47,21 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_EXTENSION = 60.0
 """Seconds of start-up (or reload) time asked for before loading and warming up a model."""
-TICK = 0.2
-"""Seconds between turns of the main loop (signals, watchdog, input health)."""
+TICK = 1.0
+"""Longest time between turns of the main loop (watchdog, periodic STATUS); a signal, a reload request or an input
+changing state turns it at once."""
+
+
+class _Signal(threading.Event):
+    """An event whose ``set`` also wakes the main loop."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._main = wake
+
+    def set(self) -> None:
+        super().set()
+        self._main.set()
 
 
 class StartupError(RuntimeError):
@@ -147,14 +160,15 @@ class Daemon:
         self.settings = settings
         self.notifier = notifier or Notifier()
         self.factories = factories or Factories()
-        self.stop_event = threading.Event()
+        self._main_wake = threading.Event()
+        self.stop_event: threading.Event = _Signal(self._main_wake)
         self.liveness = Liveness()
         self.watchdog = Watchdog(self.notifier, self.liveness)
         self.metrics = Metrics()
         self.toggles = ToggleState()
         self.extra_sinks: list[Sink] = []
         """Sinks besides the publisher (review archive, Wyoming server); see ``add_sink``."""
-        self._reload_requested = threading.Event()
+        self._reload_requested: threading.Event = _Signal(self._main_wake)
         self._reload_lock = threading.Lock()
         self.hub: AudioHub | None = None
         self.pipeline: Pipeline | None = None
@@ -248,6 +262,7 @@ class Daemon:
             raise StartupError(str(exc)) from exc
         self.hub = AudioHub(s.inputs, self.stop_event, self.liveness, remote_limits(s))
         self.hub.on_sites_changed = self._sites_changed
+        self.hub.on_input_state = self._main_wake.set  # the main loop follows input health at once
         if s.mqtt.enabled:
             self.outbox = self._open_outbox(s)
             self.publisher = self._new_publisher(s, self.outbox, self._mqtt_sites())
@@ -553,7 +568,13 @@ class Daemon:
         self.notifier.ready(status)
         self._last_status = time.monotonic()
         interval = min(self.settings.service.status_interval, 5.0)
-        while not self.stop_event.wait(TICK):
+        ping = self.watchdog.interval
+        tick = TICK if ping is None else min(TICK, ping / 2)
+        while True:
+            self._main_wake.wait(tick)
+            self._main_wake.clear()
+            if self.stop_event.is_set():
+                break
             if self._reload_requested.is_set():
                 self.reload()
                 interval = min(self.settings.service.status_interval, 5.0)

@@ -2,7 +2,10 @@
 
 Per input: the source (PortAudio callback or replay feeder thread) copies native-rate interleaved frames into a
 preallocated ring and wakes the input's own thread, which takes them from there, picks each site's channel,
-resamples to 16 kHz and appends to one 16 kHz ring per site. Readers (the hub) keep a cursor per site.
+resamples to 16 kHz and appends to one 16 kHz ring per site. Readers (the hub) keep a cursor per site. The reader
+says up to which 16 kHz index it wants each site (``want``: the detector's next step), so the source wakes the
+input's thread once that much audio has come, not once per capture block, and a real-time replay reads and
+delivers the blocks of a whole step at once.
 
 Recovery: a device that delivers nothing for ``stall_timeout`` seconds, reports an error, or whose PulseAudio source
 disappears is aborted (never ``stop()``, which can hang) and reopened by name with doubling backoff; a source that
@@ -27,7 +30,7 @@ from kwsd.audio import portaudio
 from kwsd.audio.resample import StreamResampler
 from kwsd.audio.ring import Ring
 from kwsd.audio.wavfile import AUDIO_SUFFIXES, AudioFileError, AudioReader
-from kwsd.lifecycle import RUNNING, WAITING, Finished, Liveness, Part, describe, supervise
+from kwsd.lifecycle import RUNNING, WAITING, Finished, Liveness, Part, describe, name_os_thread, supervise
 from kwsd.settings import InputSettings
 
 log = logging.getLogger(__name__)
@@ -188,11 +191,14 @@ class _ReplaySource(_Source):
         backlog: Callable[[], float],
         halt: threading.Event,
         wake: Callable[[], None],
+        ahead: Callable[[], int] = lambda: 0,
     ) -> None:
         self.settings = settings
         self._wake = wake
         self._backlog = backlog
+        self._ahead = ahead
         self._halt = halt
+        self._replan = threading.Event()
         self._fh: BinaryIO
         self._wav: AudioReader | None = None
         if kind == "file":
@@ -226,33 +232,59 @@ class _ReplaySource(_Source):
             return self._wav.read_int16(frames)
         return self._fh.read(frames * 2 * self.channels)
 
+    def replan(self) -> None:
+        """The reader wants audio sooner than the feeder planned: deliver what is due now and plan again."""
+        self._replan.set()
+
     def _feed(self) -> None:
+        name_os_thread(threading.current_thread().name)
         block = max(1, self.rate * self.settings.block_ms // 1000)
+        longest = max(block, self.rate // 2)  # most audio delivered at once at real-time pace
         t0 = time.monotonic()
         sent = 0
         width = 2 * self.channels
         pending = b""
+        held = np.zeros((0, self.channels), dtype=np.int16)  # read, not yet due
+        ended = False
         try:
             while not self._halt.is_set():
-                if not self.settings.realtime:
+                if self.settings.realtime:
+                    # Whole capture blocks, as many as the reader needs before it wants waking (a device would
+                    # have delivered them one by one; the last one arrives at the same moment).
+                    want = min(longest, -(-max(block, self._ahead()) // block) * block)
+                else:
+                    want = block
                     while self._backlog() > 0.5 and not self._halt.is_set():
                         self._halt.wait(0.005)
-                chunk = self._read(block)
-                if not chunk:
+                while held.shape[0] < want and not ended:
+                    # Read ahead (at real-time pace: half a second at a time), so the file is read rarely.
+                    chunk = self._read(max(want, longest if self.settings.realtime else 0) - held.shape[0])
+                    if not chunk:
+                        ended = True
+                        break
+                    data = pending + chunk
+                    usable = len(data) - len(data) % width
+                    pending = data[usable:]
+                    if usable:
+                        frames = np.frombuffer(data[:usable], dtype="<i2").reshape(-1, self.channels)
+                        held = np.concatenate((held, frames)) if held.shape[0] else frames
+                if held.shape[0] == 0:
                     break
-                data = pending + chunk
-                usable = len(data) - len(data) % width
-                pending = data[usable:]
-                if usable == 0:
-                    continue
-                frames = np.frombuffer(data[:usable], dtype="<i2").reshape(-1, self.channels)
+                n = min(want, held.shape[0])
                 if self.settings.realtime:
-                    delay = t0 + sent / self.rate - time.monotonic()
-                    if delay > 0:
-                        self._halt.wait(delay)
-                self.ring.write(frames)
+                    self._replan.clear()
+                    # A block goes out when its first frame is due (as the block-by-block replay always did).
+                    delay = t0 + (sent + n - min(n, block)) / self.rate - time.monotonic()
+                    if delay > 0 and self._replan.wait(delay):
+                        # Wanted sooner: what is due by now goes at once, the rest is planned again.
+                        due = int((time.monotonic() - t0) * self.rate) - sent + block
+                        n = min(n, max(0, due // block * block))
+                        if n == 0:
+                            continue
+                self.ring.write(held[:n])
+                held = held[n:]
+                sent += n
                 self._wake()
-                sent += frames.shape[0]
         except (OSError, ValueError) as exc:  # AudioFileError is a ValueError
             self.failure = f"reading {self.settings.device}: {exc}"
         self.finished = True
@@ -263,6 +295,7 @@ class _ReplaySource(_Source):
 
     def close(self) -> None:
         self._halt.set()
+        self._replan.set()
         if self._wav is not None:
             if self._thread.is_alive():
                 self._thread.join(timeout=1.0)
@@ -306,6 +339,14 @@ class InputWorker:
         self._source_overruns = 0
         self._native_cursor = 0
         self._delivered_since_open = False
+        self._resampler: StreamResampler | None = None
+        self._wanted: dict[str, int] = {}  # site -> 16 kHz index the reader waits for
+        self._wanted_min = 0  # the nearest of them
+        self._stride = 0  # how far the reader's want moved last time (one detector step)
+        self._wake_at = 0
+        """Native index of the source ring from which a delivery wakes this input's thread."""
+        self.on_state: Callable[[], None] | None = None
+        """Called after the input changed state."""
 
     def start(self) -> None:
         """Start the input's supervised thread."""
@@ -335,6 +376,57 @@ class InputWorker:
     def pending(self) -> bool:
         return any(r.end > self.cursors[s] for s, r in self.rings.items())
 
+    def want(self, targets: dict[str, int]) -> None:
+        """The reader waits for these sites up to these absolute 16 kHz indices (a site of this input without
+        one: for any new audio). Any thread."""
+        self._wanted = targets
+        if targets and len(targets) == len(self.rings):
+            nearest = min(targets.values())
+            if nearest > self._wanted_min:
+                self._stride = nearest - self._wanted_min if self._wanted_min else 0
+            self._wanted_min = nearest
+        before = self._wake_at
+        self._plan()
+        src = self._source
+        if src is not None and self._wake_at < before:
+            if src.ring.end >= self._wake_at:
+                self._wake.set()
+            elif isinstance(src, _ReplaySource):
+                src.replan()
+
+    def _plan(self) -> None:
+        """Set the native index at which the source wakes this thread: enough for the nearest wanted index."""
+        src, resampler = self._source, self._resampler
+        wanted = self._wanted
+        if src is None or resampler is None or len(wanted) < len(self.rings):
+            self._wake_at = 0
+            return
+        need = min(wanted.get(site, 0) - ring.end for site, ring in self.rings.items())
+        if need <= 0 < self._stride:
+            # Met: the reader's next want is most likely one step further (a nearer one replans the source).
+            need += self._stride
+        if need <= 0:
+            self._wake_at = 0
+            return
+        self._wake_at = self._native_cursor + -(-need * src.rate // RATE) + resampler.delay_in
+
+    def _source_wrote(self) -> None:
+        """Called by the source after each delivery: wake this thread once the reader's want is met."""
+        src = self._source
+        if src is None or src.failure or src.finished:
+            self._wake.set()
+        elif src.ring.end >= self._wake_at:
+            self._wake.set()
+            if self._stride and self._wake_at:
+                # The reader's next want is most likely one step further: a replay plans its next delivery by
+                # it before this thread has run (a nearer want replans it).
+                self._wake_at += -(-self._stride * src.rate // RATE)
+
+    def _ahead(self) -> int:
+        """Native frames the source may still deliver before this thread wants waking."""
+        src = self._source
+        return 0 if src is None else max(0, self._wake_at - src.ring.end)
+
     def backlog(self) -> float:
         """Largest unread share of a site ring (0..1): how far behind the slowest reader is."""
         src = self._source
@@ -349,6 +441,9 @@ class InputWorker:
         """Stop the input (its thread ends within a fraction of a second; ``join`` to wait)."""
         self._halt.set()
         self._wake.set()
+        src = self._source
+        if isinstance(src, _ReplaySource):
+            src.replan()
 
     def source_changed(self, present: set[str]) -> None:
         """PulseAudio's current source names: a vanished source is reopened now, a returned one opened now."""
@@ -385,6 +480,8 @@ class InputWorker:
             log.warning("input %s: reopening: %s", st.name, error)
         else:
             log.error("input %s: %s: %s", st.name, state, error)
+        if changed and self.on_state is not None:
+            self.on_state()
 
     def _beat(self, within: float | None = None, state: str = RUNNING, detail: str = "", force: bool = False) -> None:
         """Tell the liveness registry where this input stands (at most every 0.1 s while running)."""
@@ -460,7 +557,8 @@ class InputWorker:
     def _open(self) -> _Source:
         self._gone.clear()
         if self.kind in ("file", "stdin"):
-            return _ReplaySource(self.settings, self.kind, self.backlog, self._halt, self._wake.set)
+            return _ReplaySource(self.settings, self.kind, self.backlog, self._halt, self._source_wrote,
+                                 self._ahead)
         if self._device_index is None:
             body = (
                 portaudio.pulse_pcm(self.settings.device)
@@ -471,12 +569,13 @@ class InputWorker:
                 self._device_index = portaudio.SLOTS_REGISTRY.assign(body)
             except RuntimeError as exc:
                 raise DeviceError(f"{self.settings.device!r}: {exc}") from exc
-        return _DeviceSource(self.settings, self.kind, self._device_index, self._wake.set)
+        return _DeviceSource(self.settings, self.kind, self._device_index, self._source_wrote)
 
     def _close(self) -> None:
         src = self._source
         if src is not None:
             self._source = None
+            self._resampler = None
             self._source_overruns += src.ring.overruns + getattr(src, "xruns", 0)
             src.close()
 
@@ -487,10 +586,13 @@ class InputWorker:
         channels = list(self.site_channels)
         sites = [self.site_channels[c] for c in channels]
         resampler = StreamResampler(src.rate, RATE, len(channels))
-        # The source wakes this thread when it delivers; the timeout only paces the liveness checks.
-        idle = min(0.25, self.settings.stall_timeout / 4)
-        last_data = time.monotonic()
+        self._resampler = resampler
+        self._plan()
+        # The source wakes this thread when it has delivered what the reader wants (a replay also when it ends);
+        # the timeout only paces the liveness checks of a device.
         live = isinstance(src, _DeviceSource)
+        idle = min(0.25, self.settings.stall_timeout / 4) if live else 1.0
+        last_data = time.monotonic()
         while True:
             if self._stopping():
                 return "stopped"
@@ -500,6 +602,7 @@ class InputWorker:
             if data.shape[0]:
                 self._native_cursor = start + data.shape[0]
                 self._deliver(resampler.process(data[:, channels]), sites)
+                self._plan()
                 last_data = time.monotonic()
                 self._delivered_since_open = True
                 continue

@@ -213,6 +213,8 @@ class AudioHub:
         """Remote sites refused (limit, bad siteId)."""
         self.on_sites_changed: Callable[[], None] | None = None
         """Called (on the thread that made the change) after sites were added or removed."""
+        self.on_input_state: Callable[[], None] | None = None
+        """Called (on the input's thread) after a local input changed state (running, reopening, ...)."""
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def _make(self, settings: InputSettings, others: Sequence[InputWorker]) -> InputWorker:
@@ -221,7 +223,9 @@ class AudioHub:
         while name in taken:
             name = f"input:{settings.label}#{n}"
             n += 1
-        return InputWorker(settings, self._stop, self._notify, self.liveness, name)
+        worker = InputWorker(settings, self._stop, self._notify, self.liveness, name)
+        worker.on_state = self._input_state
+        return worker
 
     def _index(self) -> dict[str, InputWorker | RemoteInput]:
         out: dict[str, InputWorker | RemoteInput] = {site: w for w in self._workers for site in w.rings}
@@ -388,6 +392,11 @@ class AudioHub:
         log.info("site %s: remote %s dropped (%s)", remote.site, remote.origin, why)
         self._sites_changed()
 
+    def _input_state(self) -> None:
+        callback = self.on_input_state
+        if callback is not None:
+            callback()
+
     def _sites_changed(self) -> None:
         callback = self.on_sites_changed
         if callback is not None:
@@ -457,6 +466,8 @@ class AudioHub:
         without one: any unread audio), until ``wake``, or ``timeout`` seconds / stop. True when woken early."""
         with self._cond:
             self._targets = dict(targets or {})
+            for w in self._workers:  # each input wakes its own thread only once its sites have that much
+                w.want({site: self._targets[site] for site in w.rings if site in self._targets})
 
             def ready() -> bool:
                 return self._stop.is_set() or self._woken or any(self._reached(w) for w in self._inputs())
