@@ -133,7 +133,9 @@ def test_daemon_end_to_end(pulse_server: PulseServer, broker: Broker, notify: No
         daemon.proc.send_signal(signal.SIGHUP)
         _wait_for(lambda: "reload of" in daemon.text(), 10, "reload failure log", daemon)
         assert daemon.proc.poll() is None
-        assert notify.lines("RELOADING=1", mark) and notify.lines("READY=1", mark)
+        # the notify socket is read on its own thread: the datagrams may land just after the log line
+        _wait_for(lambda: notify.lines("RELOADING=1", mark) and notify.lines("READY=1", mark), 5,
+                  "RELOADING=1 then READY=1 around the failed reload", daemon)
         # ... and with a good one: applied.
         good["detector"] = {"keywords": [{"phrase": "小云小云", "threshold": 0.3}]}
         config.write_text(yaml.safe_dump(good, allow_unicode=True))
