@@ -379,9 +379,15 @@ class Daemon:
         if self.pipeline is not None:
             self.metrics.set_provider(self.pipeline.parts.session.provider)
         if self.hub is not None:
-            for name, st in self.hub.status(remote=True).items():
+            inputs = self.hub.status(remote=True)
+            for name, st in inputs.items():
                 self._count(f"overruns:{name}", self.hub, st.overruns, partial(self.metrics.overrun, name))
                 self._count(f"reopens:{name}", self.hub, st.reopens, partial(self.metrics.reopen, name))
+            # Remote sites come and go (idle timeout, new siteIds): forget the last counts of those that left,
+            # so this table stays bounded by the inputs that exist now.
+            for key in [k for k in self._seen if k.partition(":")[0] in ("overruns", "reopens")
+                        and k.partition(":")[2] not in inputs]:
+                del self._seen[key]
         pub = self.publisher
         if pub is not None:
             c = pub.counters

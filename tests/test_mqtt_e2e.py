@@ -8,25 +8,20 @@ satellites streaming Hermes audioFrames.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import wave
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-import yaml
 from scipy.signal import resample_poly
 
 from kwsd.audio.wavfile import read_wav
 from kwsd.mqtt.messages import AudioFrame, to_wav
 from tests.fixtures_broker import Broker, Subscriber, TlsFiles, wait_until
+from tests.fixtures_daemon import Kwsd
 
 pytestmark = pytest.mark.broker
 
@@ -47,47 +42,6 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = RATE) -> Path:
 
 def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * RATE), dtype=np.float32)
-
-
-class Kwsd:
-    """``python -m kwsd run --config FILE`` as a subprocess, its log in a file."""
-
-    def __init__(self, config: dict, folder: Path, name: str = "kwsd") -> None:
-        self.config = folder / f"{name}.yaml"
-        self.config.write_text(yaml.safe_dump(config, allow_unicode=True))
-        self.log = folder / f"{name}.log"
-        self._fh = open(self.log, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("NOTIFY_SOCKET", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "kwsd", "run", "--config", str(self.config)],
-                                     stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.proc.poll() is not None:
-                pytest.fail(f"kwsd exited ({self.proc.returncode}) while waiting for {what}:\n{self.text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}; kwsd log:\n{self.text()[-4000:]}")
-            time.sleep(0.05)
-
-    def wait_log(self, needle: str, count: int = 1, timeout: float = 20.0) -> None:
-        self.wait_for(lambda: self.text().count(needle) >= count, timeout, f"{count}x {needle!r} in the log")
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(15)
-        self._fh.close()
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._fh.close()
 
 
 def config(model_path: Path, state: Path, inputs: list[dict], **mqtt_settings: object) -> dict:

@@ -7,11 +7,9 @@ A full disk and a read-only archive folder are real tmpfs mounts (the test runs 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import wave
 from collections.abc import Callable, Iterator
@@ -24,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kwsd.audio.wavfile import read_wav
 from tests.fixtures_broker import Broker, Subscriber, free_port, wait_until
+from tests.fixtures_daemon import Kwsd
 from tests.fixtures_systemd import NotifySocket
 
 pytestmark = pytest.mark.broker
@@ -51,41 +50,11 @@ def kwsd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
                           timeout=timeout)
 
 
-class Running:
+class Running(Kwsd):
     """``python -m kwsd run --config FILE`` with a NOTIFY_SOCKET; its log in a file."""
 
     def __init__(self, config: dict, folder: Path, notify: NotifySocket) -> None:
-        path = folder / "kwsd.yaml"
-        path.write_text(yaml.safe_dump(config, allow_unicode=True))
-        self.log = folder / "kwsd.log"
-        self._fh = open(self.log, "wb")
-        env = {**os.environ, **notify.env(), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "kwsd", "run", "--config", str(path)],
-                                     stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.proc.poll() is not None:
-                pytest.fail(f"kwsd exited ({self.proc.returncode}) while waiting for {what}:\n{self.text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}; kwsd log:\n{self.text()[-4000:]}")
-            time.sleep(0.05)
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(20)
-        self._fh.close()
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._fh.close()
+        super().__init__(config, folder, env=notify.env())
 
 
 @pytest.fixture
