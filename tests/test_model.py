@@ -207,3 +207,47 @@ def test_export_without_the_example_says_what_to_do(
     assert main(["model", "export", "--upstream", str(up), "--output", str(out), "--example", "nowhere.wav"]) == 1
     assert capsys.readouterr().err.startswith("kwsd model export: error: nowhere.wav does not exist: the export")
     assert not out.exists()
+
+
+def test_export_if_outdated_redoes_a_model_of_an_older_graph_or_other_weights(
+    model_mirror: Path, audio_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnx
+
+    from kwsd.__main__ import main
+
+    up = _upstream_copy(model_mirror, tmp_path)
+    out = tmp_path / "m.onnx"
+    args = ["model", "export", "--if-outdated", "--upstream", str(up), "--output", str(out),
+            "--example", str(audio_dir / "positive/kws_xiaoyunxiaoyun.wav")]
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith(f"exporting: {out} does not exist\nexported {out}:")
+    written = out.stat().st_mtime_ns
+    assert main(args) == 0
+    assert capsys.readouterr().out == f"{out} is up to date\n"
+    assert out.stat().st_mtime_ns == written
+
+    # A model an earlier kwsd wrote (its exporter metadata names another graph) is exported anew.
+    m = onnx.load(str(out))
+    for prop in m.metadata_props:
+        if prop.key == "kwsd.exporter":
+            prop.value = "kwsd 0.1.0"
+    onnx.save(m, str(out))
+    assert main(args) == 0
+    assert f"was written by 'kwsd 0.1.0'; this kwsd writes 'kwsd graph" in capsys.readouterr().out
+    assert main(args) == 0 and capsys.readouterr().out.endswith("is up to date\n")
+
+    # Other weights in the upstream folder: exported anew; a damaged file likewise.
+    with open(up / "kwsr.net", "ab") as f:
+        f.write(b"\0")
+    assert "exported from other weights than" in _outdated_reason(up, out)
+    out.write_bytes(b"not a model")
+    assert "cannot be read as a kwsd model" in _outdated_reason(up, out)
+
+
+def _outdated_reason(up: Path, out: Path) -> str:
+    from kwsd.model.export import outdated
+
+    reason = outdated(up, out)
+    assert reason is not None
+    return reason

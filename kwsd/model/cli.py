@@ -112,12 +112,21 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                         help="where to write the ONNX model (default: %(default)s)")
     parser.add_argument("--example", type=Path,
                         help="the model card's example recording (default: UPSTREAM/example/kws_xiaoyunxiaoyun.wav)")
+    parser.add_argument("--if-outdated", action="store_true",
+                        help="do nothing when OUTPUT was already exported from these weights by this kwsd's "
+                        "graph (what scripts/setup runs, so an upgrade re-exports)")
     parser.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from kwsd.model.export import ExportError, export_model
+    from kwsd.model.export import ExportError, export_model, outdated
 
+    if args.if_outdated:
+        reason = outdated(args.upstream, args.output)
+        if reason is None:
+            print(f"{args.output} is up to date")
+            return 0
+        print(f"exporting: {reason}")
     try:
         r = export_model(args.upstream, args.output, args.example)
     except ExportError as exc:

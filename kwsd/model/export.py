@@ -46,6 +46,10 @@ EXPECTED_TEXT = "小云小云"
 TOLERANCE = 1e-4
 CHUNKS = (1, 7, 50)
 OPSET = 17
+GRAPH_REVISION = 2
+"""Bumped whenever :func:`build_model` writes a different graph, so set-up re-exports models written before."""
+EXPORTER = f"kwsd graph {GRAPH_REVISION}"
+"""The ``kwsd.exporter`` metadata of a model this code writes."""
 
 
 class ExportError(RuntimeError):
@@ -133,12 +137,12 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
         nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    def _slice(t: str, start: int, end: int | None) -> str:
-        """``t[:, start:end]`` along time (axis 1)."""
+    def _slice(t: str, start: int, end: int | None, axis: int = 1) -> str:
+        """``t[..., start:end]`` along ``axis``."""
         stop = np.iinfo(np.int64).max if end is None else end
         return node("Slice", [t, const("start", np.array([start], dtype=np.int64)),
                               const("end", np.array([stop], dtype=np.int64)),
-                              const("axis", np.array([1], dtype=np.int64))])
+                              const("axis", np.array([axis], dtype=np.int64))])
 
     x = INPUT_FEATS
     new_caches: list[str] = []
@@ -157,20 +161,19 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
         elif comp.kind == "RectifiedLinear":
             x = node("Relu", [x])
         elif comp.kind == "Fsmn":
+            taps = _fsmn_kernel(comp)  # [dim, 1, K]
             cache = node("Gather", [INPUT_CACHE, const("layer", np.array(layer, dtype=np.int64))], axis=1)
-            y = node("Concat", [node("Transpose", [cache], perm=[0, 2, 1]), x], axis=1)  # [B, cache + T, dim]
-            new_caches.append(node("Unsqueeze", [
-                node("Transpose", [_slice(y, -cache_frames, None)], perm=[0, 2, 1]),
-                const("axis", np.array([1], dtype=np.int64))]))
-            # The depthwise filter as one multiply-add per tap on time-shifted views: onnxruntime's grouped Conv
-            # runs one tiny matrix product per stream and channel, over half of a batch's time.
-            taps = _fsmn_kernel(comp)[:, 0, :]  # [dim, K]
-            width = taps.shape[1]
-            acc = ""
-            for k in range(width):
-                term = node("Mul", [_slice(y, k, k - (width - 1) or None), const("tap", taps[:, k].copy())])
-                acc = term if not acc else node("Add", [acc, term])
-            x = acc
+            y = node("Concat", [cache, node("Transpose", [x], perm=[0, 2, 1])], axis=2)  # [B, dim, cache + T]
+            new_caches.append(node("Unsqueeze", [_slice(y, -cache_frames, None, axis=2),
+                                                 const("axis", np.array([1], dtype=np.int64))]))
+            # The depthwise filter as a 2-D grouped Conv over [B, dim, 1, cache + T]: onnxruntime runs 2-D
+            # depthwise convolutions in its blocked (NCHWc) kernels, where a 1-D grouped Conv runs one tiny
+            # matrix product per stream and channel and per-tap multiply-adds cost more in per-node overhead.
+            image = node("Unsqueeze", [y, const("axis", np.array([2], dtype=np.int64))])
+            conv = node("Conv", [image, const("taps", taps[:, :, None, :].copy())], group=int(taps.shape[0]),
+                        kernel_shape=[1, int(taps.shape[2])])
+            x = node("Transpose", [node("Squeeze", [conv, const("axis", np.array([2], dtype=np.int64))])],
+                     perm=[0, 2, 1])
             layer += 1
         elif comp.kind == "Softmax":
             x = node("Softmax", [x], axis=-1)
@@ -274,6 +277,23 @@ def verify(path: Path, components: list[Component], shift: np.ndarray, scale: np
 # Entry point
 
 
+def outdated(upstream: Path, output: Path) -> str | None:
+    """Why ``output`` needs a new export from ``upstream`` (missing, other weights, older graph), or None."""
+    if not output.is_file():
+        return f"{output} does not exist"
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(output), load_external_data=False).metadata_props}
+        contract = ModelContract.from_metadata(meta, str(output))
+    except Exception as exc:  # a damaged file raises protobuf's own decode error, a foreign one ContractError
+        return f"{output} cannot be read as a kwsd model ({exc})"
+    net = Path(upstream) / NET_FILE
+    if net.is_file() and contract.source_sha256 != _sha256(net):
+        return f"{output} was exported from other weights than {net}"
+    if contract.exporter != EXPORTER:
+        return f"{output} was written by {contract.exporter!r}; this kwsd writes {EXPORTER!r}"
+    return None
+
+
 def export_model(upstream: Path, output: Path, example: Path | None = None) -> ExportReport:
     """Parse ``upstream``'s weights, write ``output`` only if the ONNX verifies; raise ExportError otherwise."""
     t0 = time.perf_counter()
@@ -317,7 +337,7 @@ def export_model(upstream: Path, output: Path, example: Path | None = None) -> E
         delay_frames=sum(fsmn_context(c)[1] for c in fsmn),
         source=SOURCE_REPO,
         source_sha256=_sha256(paths[NET_FILE]),
-        exporter=f"kwsd {__version__}",
+        exporter=EXPORTER,
     )
     model = build_model(components, shift, scale, contract)
 
