@@ -234,7 +234,7 @@ def test_export_if_outdated_redoes_a_model_of_an_older_graph_or_other_weights(
             prop.value = "kwsd 0.1.0"
     onnx.save(m, str(out))
     assert main(args) == 0
-    assert f"was written by 'kwsd 0.1.0'; this kwsd writes 'kwsd graph" in capsys.readouterr().out
+    assert "was written by 'kwsd 0.1.0'; this kwsd writes 'kwsd graph" in capsys.readouterr().out
     assert main(args) == 0 and capsys.readouterr().out.endswith("is up to date\n")
 
     # Other weights in the upstream folder: exported anew; a damaged file likewise.
