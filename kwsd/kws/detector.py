@@ -152,6 +152,17 @@ class PhasedDecoder:
         self._near: dict[str, _Near] = {}  # per keyword, the near miss being fused
         self._last_near: dict[str, int] = {}  # per keyword, the end of its last reported near miss
 
+    @property
+    def idle(self) -> bool:
+        """No hit held, no near miss forming or being fused: frames without keyword tokens change nothing here
+        beyond the decoders' own :meth:`KeywordDecoder.skip`."""
+        if self._held or self._near:
+            return False
+        for dec in self.decoders:
+            if dec.near_pending:
+                return False
+        return True
+
     def fuse(self, found: Sequence[tuple[int, Hit]], last_frame: int | None) -> list[PhaseHit]:
         """Add the phases' hits ``(phase, hit)`` of frames up to ``last_frame`` (the last model frame every phase
         has decoded; None: the stream ended) and return the fused hits now complete."""
@@ -517,9 +528,15 @@ class Detector:
         if self.scan:
             busy, blank = self._scanner.scan(probs)
             busy_l, blank_l = busy.tolist(), blank.tolist()
+            quiet: list[bool] = (~busy.reshape(-1, n_phases).any(axis=1)).tolist()  # no phase has a keyword token
         for i, s in enumerate(streams):
             first = s.outputs - delay  # model frame index of this block's first output
             s.outputs += frames
+            if self.scan and first >= 0 and quiet[i] and s.phased.idle:
+                # Nothing to decode, hold or report: the cheap path of most streams in most steps.
+                for phase, dec in enumerate(s.phased.decoders):
+                    dec.skip(first, frames, blank_l[i * n_phases + phase])
+                continue
             found: list[tuple[int, Hit]] = []
             for phase, dec in enumerate(s.phased.decoders):
                 row = i * n_phases + phase
