@@ -528,7 +528,7 @@ class Detector:
         if self.scan:
             busy, blank = self._scanner.scan(probs)
             busy_l, blank_l = busy.tolist(), blank.tolist()
-            quiet = [not b for b in np.asarray(busy).reshape(-1, n_phases).any(axis=1).tolist()]  # no keyword token
+            quiet: list[bool] = (~np.asarray(busy).reshape(-1, n_phases).any(axis=1)).tolist()  # type: ignore[assignment]
         for i, s in enumerate(streams):
             first = s.outputs - delay  # model frame index of this block's first output
             s.outputs += frames
