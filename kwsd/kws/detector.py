@@ -486,12 +486,12 @@ class Detector:
     # -- inference ------------------------------------------------------------------------------------------
 
     def step(self) -> list[Detection]:
-        """Run every stream with at least ``step_frames`` frames pending, on all its pending frames; repeat until
-        none has.
+        """Run every stream with at least ``step_frames`` frames pending on all its pending frames.
 
-        All pending frames, not a multiple of ``step_frames``: a stream fed 100 ms blocks has 3 or 4 new frames
-        per block, so every block costs at most one frame more than the one before, where multiples of 3 left a
-        third frame over each time and ran 6 frames in every ninth block (and decided those frames 90 ms later).
+        Streams fed in real time have ``step_frames`` or one frame more pending (100 ms blocks are 3.33 model
+        frames): each of those two groups is one batched call, so no stream carries a frame to the next step
+        (where it would be decided a block later) and no step runs more than one frame above the average.
+        Backlogs of other sizes (whole files) run in rounds of the smallest one, all of them in every round.
         """
         self._extract_all()
         hits: list[Detection] = []
@@ -499,8 +499,13 @@ class Detector:
             ready = [s for s in self._streams.values() if s.pending_frames >= self.step_frames]
             if not ready:
                 return hits
-            frames = min(s.pending_frames for s in ready)
-            hits.extend(self._run(ready, frames))
+            least = min(s.pending_frames for s in ready)
+            longer = [s for s in ready if s.pending_frames > least]
+            if longer and all(s.pending_frames == least + 1 for s in longer):
+                hits.extend(self._run([s for s in ready if s.pending_frames == least], least))
+                hits.extend(self._run(longer, least + 1))
+            else:
+                hits.extend(self._run(ready, least))
 
     def _take(self, stream: _Stream, frames: int) -> np.ndarray:
         data = stream.pending[0] if len(stream.pending) == 1 else np.concatenate(stream.pending, axis=1)
