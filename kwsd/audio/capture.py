@@ -340,6 +340,8 @@ class InputWorker:
         self._native_cursor = 0
         self._delivered_since_open = False
         self._resampler: StreamResampler | None = None
+        self._channels: list[int] = []  # source channels of the sites, in ``_sites`` order
+        self._sites: list[str] = []
         self._wanted: dict[str, int] = {}  # site -> 16 kHz index the reader waits for
         self._wanted_min = 0  # the nearest of them
         self._stride = 0  # how far the reader's want moved last time (one detector step)
@@ -369,11 +371,55 @@ class InputWorker:
     def read(self, site: str) -> tuple[np.ndarray, int]:
         ring = self.rings[site]
         with self._lock:
+            self._transfer()
             data, start = ring.read(self.cursors[site])
             self.cursors[site] = start + data.shape[0]
         return data[:, 0], start
 
+    def end(self, site: str) -> int:
+        """Absolute 16 kHz index after the newest sample of ``site``, audio not yet taken over included."""
+        src, resampler = self._source, self._resampler
+        extra = 0
+        if src is not None and resampler is not None:
+            extra = resampler.outputs_after(src.ring.end - self._native_cursor)
+        return self.rings[site].end + extra
+
+    def reached(self, targets: dict[str, int]) -> bool:
+        """Whether a site has audio up to its target (a site without one: any unread audio), counting what the
+        source delivered and no reader has taken over yet. Without locks (the capture callback's thread may
+        ask): a read torn by a concurrent transfer can only undercount, and that transfer notifies the hub."""
+        src, resampler = self._source, self._resampler
+        extra = 0
+        if src is not None and resampler is not None:
+            extra = resampler.outputs_after(src.ring.end - self._native_cursor)
+        for site, ring in self.rings.items():
+            target = targets.get(site)
+            if ring.end + extra >= (self.cursors[site] + 1 if target is None else target):
+                return True
+        return False
+
+    def _transfer(self, flush: bool = False) -> int:
+        """Take what the source delivered into the site rings: its channels picked, resampled to 16 kHz
+        (``flush``: also the resampler's tail, at the end of the source). The caller holds ``_lock``. Returns
+        the 16 kHz samples added per site."""
+        src, resampler = self._source, self._resampler
+        if src is None or resampler is None:
+            return 0
+        added = 0
+        data, start = src.ring.read(self._native_cursor)
+        if data.shape[0]:
+            self._native_cursor = start + data.shape[0]
+            self._delivered_since_open = True
+            added += self._deliver(resampler.process(data[:, self._channels]))
+        if flush:
+            added += self._deliver(resampler.flush())
+        return added
+
     def pending(self) -> bool:
+        """Whether a site has unread audio (also audio the source delivered that no reader took over yet)."""
+        src = self._source
+        if src is not None and src.ring.end > self._native_cursor:
+            return True
         return any(r.end > self.cursors[s] for s, r in self.rings.items())
 
     def want(self, targets: dict[str, int]) -> None:
@@ -386,16 +432,15 @@ class InputWorker:
                 self._stride = nearest - self._wanted_min if self._wanted_min else 0
             self._wanted_min = nearest
         before = self._wake_at
-        self._plan()
+        with self._lock:
+            self._plan()
         src = self._source
-        if src is not None and self._wake_at < before:
-            if src.ring.end >= self._wake_at:
-                self._wake.set()
-            elif isinstance(src, _ReplaySource):
-                src.replan()
+        if isinstance(src, _ReplaySource) and src.ring.end < self._wake_at < before:
+            src.replan()
 
     def _plan(self) -> None:
-        """Set the native index at which the source wakes this thread: enough for the nearest wanted index."""
+        """Set the native index from which a delivery wakes the reader: enough for the nearest wanted index.
+        The caller holds ``_lock`` (the site rings and the native cursor move together)."""
         src, resampler = self._source, self._resampler
         wanted = self._wanted
         if src is None or resampler is None or len(wanted) < len(self.rings):
@@ -411,19 +456,20 @@ class InputWorker:
         self._wake_at = self._native_cursor + -(-need * src.rate // RATE) + resampler.delay_in
 
     def _source_wrote(self) -> None:
-        """Called by the source after each delivery: wake this thread once the reader's want is met."""
+        """Called by the source after each delivery: wake the reader once its want is met (it takes the audio
+        over itself, on its own thread), this input's thread when the source failed or ended."""
         src = self._source
         if src is None or src.failure or src.finished:
             self._wake.set()
         elif src.ring.end >= self._wake_at:
-            self._wake.set()
+            self._notify(self)
             if self._stride and self._wake_at:
                 # The reader's next want is most likely one step further: a replay plans its next delivery by
                 # it before this thread has run (a nearer want replans it).
                 self._wake_at += -(-self._stride * src.rate // RATE)
 
     def _ahead(self) -> int:
-        """Native frames the source may still deliver before this thread wants waking."""
+        """Native frames the source may still deliver before the reader wants waking."""
         src = self._source
         return 0 if src is None else max(0, self._wake_at - src.ring.end)
 
@@ -574,43 +620,53 @@ class InputWorker:
     def _close(self) -> None:
         src = self._source
         if src is not None:
-            self._source = None
-            self._resampler = None
+            with self._lock:
+                self._source = None
+                self._resampler = None
             self._source_overruns += src.ring.overruns + getattr(src, "xruns", 0)
             src.close()
 
     def _pump(self, src: _Source) -> str:
-        """Move audio from the source's ring to the site rings until the source ends or must be reopened."""
-        self._native_cursor = 0
-        self._delivered_since_open = False
+        """Keep the source running until it ends or must be reopened; returns why it stopped.
+
+        The reader takes the audio over into the site rings on its own thread (``read``), woken by the source
+        once it has what it waits for, so a capture block costs this thread nothing. This thread checks the
+        device, beats, and takes the audio over itself when the reader falls behind (nothing is lost while
+        nobody reads) and when the source stops (the old stream's last samples are in the site rings before a
+        reopen is counted).
+        """
         channels = list(self.site_channels)
-        sites = [self.site_channels[c] for c in channels]
-        resampler = StreamResampler(src.rate, RATE, len(channels))
-        self._resampler = resampler
-        self._plan()
-        # The source wakes this thread when it has delivered what the reader wants (a replay also when it ends);
-        # the timeout only paces the liveness checks of a device.
+        with self._lock:
+            self._native_cursor = 0
+            self._delivered_since_open = False
+            self._channels = channels
+            self._sites = [self.site_channels[c] for c in channels]
+            self._resampler = StreamResampler(src.rate, RATE, len(channels))
+            self._plan()
+        outcome = self._watch(src)
+        with self._lock:
+            added = self._transfer(flush=outcome == "finished")
+        if added:
+            self._notify(self)
+        return outcome
+
+    def _watch(self, src: _Source) -> str:
+        # The source wakes this thread only when it fails or ends; the timeout paces the liveness checks.
         live = isinstance(src, _DeviceSource)
         idle = min(0.25, self.settings.stall_timeout / 4) if live else 1.0
-        last_data = time.monotonic()
+        last_end, last_data = src.ring.end, time.monotonic()
         while True:
             if self._stopping():
                 return "stopped"
             self._beat()
-            self._wake.clear()  # before reading: a delivery from now on makes the wait below return at once
-            data, start = src.ring.read(self._native_cursor)
-            if data.shape[0]:
-                self._native_cursor = start + data.shape[0]
-                self._deliver(resampler.process(data[:, channels]), sites)
-                self._plan()
-                last_data = time.monotonic()
-                self._delivered_since_open = True
-                continue
+            self._wake.clear()  # before looking: a failure or the end from now on makes the wait return at once
             if src.failure and not live:
                 return src.failure
             if src.finished:
-                self._deliver(resampler.flush(), sites)
                 return "finished" if not src.failure else src.failure
+            now = time.monotonic()
+            if src.ring.end != last_end:
+                last_end, last_data = src.ring.end, now
             if live:
                 dev = f"{self.kind} device {self.settings.device!r}"
                 if self._gone.is_set():
@@ -619,19 +675,25 @@ class InputWorker:
                     return src.failure
                 if not src.alive():  # type: ignore[attr-defined]
                     return f"{dev} stream stopped"
-                if time.monotonic() - last_data > self.settings.stall_timeout:
+                if now - last_data > self.settings.stall_timeout:
                     return f"{dev} delivered no audio for {self.settings.stall_timeout:g} s"
+            if self.backlog() > 0.25:  # the reader is behind or absent: take the audio over here
+                with self._lock:
+                    added = self._transfer()
+                if added:
+                    self._notify(self)
             self._wake.wait(idle)
 
-    def _deliver(self, out: np.ndarray, sites: list[str]) -> None:
+    def _deliver(self, out: np.ndarray) -> int:
+        """Append resampled frames (one column per site) to the site rings; returns the frames added."""
         if out.shape[0] == 0:
-            return
+            return 0
         if out.ndim == 1:
             out = out[:, None]
-        for i, site in enumerate(sites):
+        for i, site in enumerate(self._sites):
             self.rings[site].write(out[:, i])
         self.status.samples += out.shape[0]
-        self._notify(self)
+        return int(out.shape[0])
 
     def snapshot(self) -> InputStatus:
         st = self.status

@@ -435,7 +435,8 @@ class AudioHub:
 
     def end(self, site: str) -> int:
         """Absolute 16 kHz index after the newest sample of ``site``."""
-        return self._by_site[site].rings[site].end
+        src = self._by_site[site]
+        return src.end(site) if isinstance(src, InputWorker) else src.rings[site].end
 
     def reopens(self, site: str) -> int:
         """How many times the input of ``site`` has been reopened. The count rises only after the old stream's
@@ -449,6 +450,8 @@ class AudioHub:
                 self._cond.notify_all()
 
     def _reached(self, worker: InputWorker | RemoteInput) -> bool:
+        if isinstance(worker, InputWorker):  # counts what its source delivered and nobody took over yet
+            return worker.reached(self._targets)
         for site, ring in worker.rings.items():
             target = self._targets.get(site)
             if ring.end >= (worker.cursors[site] + 1 if target is None else target):

@@ -65,6 +65,15 @@ class StreamResampler:
         """Input frames the resampler must see beyond an output instant before it can produce that output."""
         return 0 if self.passthrough else -(-self.half_len // self.up)
 
+    def outputs_after(self, more: int) -> int:
+        """Output samples the next ``process`` would return if given ``more`` input frames."""
+        if self.passthrough:
+            return max(0, more)
+        n_in = self._n_in + max(0, more)
+        m_stop = (n_in - 1) * self.up - self.half_len
+        m_stop = m_stop // self.down + 1 if m_stop >= 0 else 0
+        return max(0, m_stop - self._n_out)
+
     def process(self, block: np.ndarray) -> np.ndarray:
         """Resample the next block; returns every output sample that the input so far fully determines."""
         mono = block.ndim == 1
