@@ -175,8 +175,12 @@ class DetectorSettings:
     refractory: float = 1.0
     """After a detection, the same keyword cannot fire again on the same stream for this many seconds (counted in
     samples); other keywords can."""
-    step_frames: int = 3
-    """Model frames (30 ms each) gathered per stream before one batched inference step."""
+    step_frames: int = 1
+    """Model frames (30 ms each) gathered per stream before one batched inference step while a keyword may be
+    forming on it (its first syllables heard in order, recently): the wake latency's share."""
+    quiet_step_frames: int = 9
+    """Model frames gathered per step by a stream on which no keyword is forming (at least ``step_frames``): the
+    next few frames cannot decide a keyword there, and a long step costs much less CPU than several short ones."""
     beam: int = 20
     """Prefixes kept by the CTC prefix beam search."""
     top_k: int = 10
@@ -200,6 +204,7 @@ class DetectorSettings:
             first[kw.wakeword_id] = i
         _bound(f"{k}refractory", self.refractory, 0.0, 60.0, unit="seconds")
         _bound(f"{k}step_frames", self.step_frames, 1, 100)
+        _bound(f"{k}quiet_step_frames", self.quiet_step_frames, 1, 100)
         _bound(f"{k}beam", self.beam, 1, 1000)
         _bound(f"{k}top_k", self.top_k, 1, 10000)
         if not 0.0 <= self.token_floor < 1.0:

@@ -377,6 +377,30 @@ class _Search:
                   best.end_frame)
         return best
 
+    def forming(self, frame: int) -> bool:
+        """Whether the keyword may be decided within its next few tokens: a prefix ends with its first two tokens
+        or more of them (all of them: the score can still grow), the last of them no further back than the
+        keyword's longest gap (or its whole length) before ``frame``. A one- or two-token keyword is always
+        forming."""
+        ids = self.keyword.token_ids
+        n = len(ids)
+        least = n - 2
+        if least < 1:
+            return True
+        reach = self.keyword.max_gap_frames or self.keyword.max_frames
+        for prefix, hyp in self.hyps.items():
+            if len(prefix) < least:
+                continue
+            for k in range(min(n, len(prefix)), least - 1, -1):
+                if prefix[-k:] == ids[:k]:
+                    break
+            else:
+                continue
+            for peaks in (hyp[_PKB], hyp[_PKNB]):
+                if peaks and frame - peaks[-1][0] <= reach:
+                    return True
+        return False
+
     def settle(self, next_frame: int) -> None:
         """Make the near miss final once ``NEAR_MISS_SETTLE`` frames past its last peak were decoded."""
         miss = self.near
@@ -518,6 +542,13 @@ class KeywordDecoder:
         self._near_open = any(s.near is not None for s in self._searches)
         done.sort(key=lambda h: h.end_frame)
         return done
+
+    @property
+    def forming(self) -> bool:
+        """Whether a keyword may be decided within its next few tokens (see ``_Search.forming``): the frames
+        after those decoded so far can fire one only then."""
+        frame = self._next_frame - 1
+        return any(search.forming(frame) for search in self._searches)
 
     @property
     def near_pending(self) -> bool:

@@ -103,6 +103,7 @@ class _Stream:
     outputs: int = 0  # model outputs produced so far (the first ``delay`` belong to the warm-up)
     samples_in: int = 0
     flushed: bool = False
+    forming: bool = False  # a keyword may be forming: the stream steps at ``step_frames``
 
 
 @dataclass(frozen=True)
@@ -313,6 +314,11 @@ class Detector:
         self.phases = phases
         self.keywords = build_keywords(settings.keywords, c.tokens, self.frame_seconds)
         self.step_frames = max(1, settings.step_frames)
+        # A stream on which no keyword is forming (no phase's search holds its first tokens in order; see
+        # ``KeywordDecoder.forming``) cannot be decided within its next steps: it steps at the cheaper
+        # ``quiet_step_frames``, a stream with a keyword forming at ``step_frames`` (the wake latency's share).
+        # Needs the batch scan (which says when a quiet stream's state cannot have changed).
+        self.quiet_step_frames = max(self.step_frames, settings.quiet_step_frames) if scan else self.step_frames
         self.near_miss_ratio = near_miss_ratio
         self._near_misses: list[Detection] = []
         self._site_keywords = {  # a site's threshold replaces every keyword's own there
@@ -400,7 +406,7 @@ class Detector:
     def samples_needed(self, name: str) -> int:
         """Samples the stream must still receive before :meth:`step` can run its next model step (0: it can now)."""
         stream = self._streams[name]
-        frames = stream.outputs + self.step_frames
+        frames = stream.outputs + self._step_of(stream)
         return max(0, self.contract.features.samples_for(frames, self.phases - 1) - stream.samples_in)
 
     def rejected(self, name: str) -> dict[str, int]:
@@ -485,27 +491,48 @@ class Detector:
 
     # -- inference ------------------------------------------------------------------------------------------
 
+    def _step_of(self, s: _Stream) -> int:
+        """Frames the stream must have pending for its next step: ``step_frames`` while a keyword may be forming
+        or a hit is held; else up to the next multiple of ``quiet_step_frames`` of its outputs, so quiet streams
+        that began together step together (one batched call, not one wake-up each)."""
+        if s.forming or not s.phased.idle:
+            return self.step_frames
+        q = self.quiet_step_frames
+        return q - s.outputs % q
+
     def step(self) -> list[Detection]:
-        """Run every stream with at least ``step_frames`` frames pending on all its pending frames.
+        """Run every stream with at least its step's frames pending (``step_frames``, or ``quiet_step_frames``
+        for a quiet stream) on all its pending frames.
 
         Streams fed in real time have ``step_frames`` or one frame more pending (100 ms blocks are 3.33 model
         frames): each of those two groups is one batched call, so no stream carries a frame to the next step
         (where it would be decided a block later) and no step runs more than one frame above the average.
         Backlogs of other sizes (whole files) run in rounds of the smallest one, all of them in every round.
+        Quiet streams and streams at ``step_frames`` are batched apart, so a quiet stream keeps its long steps.
         """
         self._extract_all()
         hits: list[Detection] = []
         while True:
-            ready = [s for s in self._streams.values() if s.pending_frames >= self.step_frames]
+            steps = [(s, self._step_of(s)) for s in self._streams.values()]
+            ready = [s for s, n in steps if s.pending_frames >= n]
             if not ready:
                 return hits
-            least = min(s.pending_frames for s in ready)
-            longer = [s for s in ready if s.pending_frames > least]
-            if longer and all(s.pending_frames == least + 1 for s in longer):
-                hits.extend(self._run([s for s in ready if s.pending_frames == least], least))
-                hits.extend(self._run(longer, least + 1))
+            if self.quiet_step_frames > self.step_frames:
+                hot = [s for s, n in steps if (s.forming or not s.phased.idle) and s.pending_frames >= n]
+                quiet = [s for s in ready if s not in hot]
+                for group in (hot, quiet):
+                    if group:
+                        hits.extend(self._run_ready(group))
             else:
-                hits.extend(self._run(ready, least))
+                hits.extend(self._run_ready(ready))
+
+    def _run_ready(self, ready: list[_Stream]) -> list[Detection]:
+        least = min(s.pending_frames for s in ready)
+        longer = [s for s in ready if s.pending_frames > least]
+        if longer and all(s.pending_frames == least + 1 for s in longer):
+            hits = self._run([s for s in ready if s.pending_frames == least], least)
+            return hits + self._run(longer, least + 1)
+        return self._run(ready, least)
 
     def _take(self, stream: _Stream, frames: int) -> np.ndarray:
         data = stream.pending[0] if len(stream.pending) == 1 else np.concatenate(stream.pending, axis=1)
@@ -541,6 +568,8 @@ class Detector:
                 # Nothing to decode, hold or report: the cheap path of most streams in most steps.
                 for phase, dec in enumerate(s.phased.decoders):
                     dec.skip(first, frames, blank_l[i * n_phases + phase])
+                if s.forming:  # the searches did not change, but their tokens grow older
+                    s.forming = any(dec.forming for dec in s.phased.decoders)
                 continue
             found: list[tuple[int, Hit]] = []
             for phase, dec in enumerate(s.phased.decoders):
@@ -558,6 +587,8 @@ class Detector:
             if self.near_miss_ratio:
                 self._near_misses.extend(
                     self._detections(s, s.phased.take_near(first + frames - 1), near_miss=True))
+            if self.quiet_step_frames > self.step_frames:
+                s.forming = any(dec.forming for dec in s.phased.decoders)
         t3 = time.perf_counter()
         self.timing.features += t1 - t0
         self.timing.model += t2 - t1
