@@ -76,7 +76,7 @@ def thread_stats(pid: int) -> dict[str, tuple[float, int, int]]:
 
 
 def run_case(sites: int, idle: bool, seconds: float, audio: np.ndarray, tmp: Path, port: int,
-             model: Path) -> dict[str, Any]:
+             model: Path, detector: dict[str, Any]) -> dict[str, Any]:
     inputs: list[dict[str, Any]] = []
     if sites:
         n = int((seconds + 10) * 16000)
@@ -91,6 +91,7 @@ def run_case(sites: int, idle: bool, seconds: float, audio: np.ndarray, tmp: Pat
                        "sites": {i: f"site{i}" for i in range(sites)}})
     cfg = {
         "model": {"path": str(model), "providers": ["CPUExecutionProvider"]},
+        "detector": detector,
         "inputs": inputs,
         "mqtt": {"host": "127.0.0.1", "port": port},
         "segments": {"enabled": True},
@@ -138,6 +139,10 @@ def main() -> int:
     default_model = os.environ.get("KWSD_MODEL", str(REPO / "models/kwsd-xiaoyun.onnx"))
     ap.add_argument("--model", type=Path, default=Path(default_model))
     ap.add_argument("--threads", action="store_true", help="also print CPU and wake-ups/s per thread")
+    ap.add_argument("--detector", type=yaml.safe_load, default={},
+                    help="detector settings for the daemon, as YAML (e.g. '{step_frames: 1, quiet_step_frames: 6}')")
+    ap.add_argument("--cases", default="0,1s,1,8s,8",
+                    help="cases to run: sites, 's' for silence (default 0,1s,1,8s,8)")
     args = ap.parse_args()
     audio_dir = Path(os.environ.get("KWSD_TEST_AUDIO", ""))
     files = sorted(audio_dir.glob("*/*.wav"))
@@ -154,8 +159,9 @@ def main() -> int:
                                   stderr=subprocess.DEVNULL)
         try:
             rows = []
-            for sites, idle in ((0, True), (1, True), (1, False), (8, True), (8, False)):
-                r = run_case(sites, idle, args.seconds, audio, tmp, port, args.model)
+            cases = [(int(c.rstrip("s")), c.endswith("s") or c == "0") for c in args.cases.split(",")]
+            for sites, idle in cases:
+                r = run_case(sites, idle, args.seconds, audio, tmp, port, args.model, args.detector)
                 rows.append((sites, "none" if not sites else "silence" if idle else "speech", r))
         finally:
             broker.terminate()

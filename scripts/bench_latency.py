@@ -11,8 +11,8 @@ and records when each ``kwsd/<site>/wake`` arrives. The replay starts when the d
 
 The payload's own ``latency`` field (audio captured after the keyword end when the wake was raised, counted in
 samples inside the daemon) is printed beside it as a cross-check; the difference is MQTT delivery. The model's
-look-ahead (8 frames x 30 ms = 240 ms) and the detector step (3 frames = 90 ms, so 0..90 ms waiting for a step
-to fill) are a floor no implementation detail can remove.
+look-ahead (8 frames x 30 ms = 240 ms) and the detector step while a keyword forms (``detector.step_frames``, 1
+frame = 30 ms by default, so 0..30 ms waiting for a step to fill) are a floor no implementation detail can remove.
 
     PYTHONPATH=. python scripts/bench_latency.py [--limit 26] [--gap 1.5] [--provider CPUExecutionProvider]
 """
@@ -41,11 +41,12 @@ import paho.mqtt.client as mqtt
 import yaml
 
 from kwsd.audio.wavfile import read_wav
+from kwsd.settings import DetectorSettings
 
 REPO = Path(__file__).resolve().parent.parent
 RATE = 16000
 LOOKAHEAD_MS = 8 * 30
-STEP_MS = 3 * 30
+FRAME_MS = 30
 
 
 def free_port() -> int:
@@ -86,6 +87,8 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=1.5, help="seconds of silence after each recording")
     ap.add_argument("--provider", default="CPUExecutionProvider")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (WAV, config, kwsd.log)")
+    ap.add_argument("--detector", type=yaml.safe_load, default={},
+                    help="detector settings for the daemon, as YAML (e.g. '{step_frames: 1, quiet_step_frames: 6}')")
     args = ap.parse_args()
 
     files = sorted((args.audio / "positive").glob("*.wav"))
@@ -130,6 +133,7 @@ def main() -> int:
 
     cfg = {
         "model": {"path": str(args.model.resolve()), "providers": [args.provider]},
+        "detector": args.detector,
         "inputs": [{"device": str(wav_path), "kind": "file", "realtime": True, "sites": {0: "bench"}}],
         "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min": 0.2, "reconnect_max": 1.0},
         "service": {"state_dir": str(work / "state")},
@@ -190,8 +194,9 @@ def main() -> int:
           f"worst {max(lat):.0f} ms, best {min(lat):.0f} ms")
     print(f"payload latency field (in the daemon, samples): median {statistics.median(reported):.0f} ms, "
           f"worst {max(reported):.0f} ms")
-    print(f"of which the model's look-ahead {LOOKAHEAD_MS} ms is fixed, and the detector step adds 0..{STEP_MS} ms "
-          f"(mean {STEP_MS // 2}); the rest ({statistics.median(lat) - LOOKAHEAD_MS - STEP_MS / 2:.0f} ms at the "
+    step_ms = FRAME_MS * int(args.detector.get("step_frames", DetectorSettings().step_frames))
+    print(f"of which the model's look-ahead {LOOKAHEAD_MS} ms is fixed, and the detector step adds 0..{step_ms} ms "
+          f"(mean {step_ms // 2}); the rest ({statistics.median(lat) - LOOKAHEAD_MS - step_ms / 2:.0f} ms at the "
           "median) is decoding, the replay's 20 ms blocks, the pipeline's wake-up and MQTT delivery")
     if args.keep:
         print(f"work folder: {work}")
