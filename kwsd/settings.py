@@ -13,9 +13,11 @@ import os
 import re
 import socket
 import ssl
+import sys
+import threading
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
@@ -1050,22 +1052,67 @@ def check_host(s: Settings, running: Settings | None = None) -> None:
 
 
 def check_model(model: ModelSettings, detector: DetectorSettings) -> None:
-    """The model file is an ONNX exported by kwsd whose contract fits, and it can spell every keyword."""
+    """The model file is an ONNX exported by kwsd whose contract fits, and it can spell every keyword.
+
+    Reading and checking the ONNX needs the ``onnx`` package, which stays resident once imported (about 20 MiB,
+    more than the rest of a daemon's per-site memory). A process with no other thread yet (``kwsd run`` and
+    ``check-config`` at start) checks in a forked child, so the daemon never holds it; the answer is the same.
+    """
+    if sys.platform.startswith("linux") and threading.active_count() == 1 and "onnx" not in sys.modules:
+        answer = _in_child(_model_problem, model, detector)
+        if answer is not None:
+            problem = answer[0]
+            if problem is not None:
+                raise ConfigError(*problem)
+            return
+    problem = _model_problem(model, detector)  # elsewhere, or the child could not answer
+    if problem is not None:
+        raise ConfigError(*problem)
+
+
+def _model_problem(model: ModelSettings, detector: DetectorSettings) -> tuple[str, str] | None:
+    """What :func:`check_model` refuses, as (key, problem); None when the model is fine."""
     from kwsd.kws.contract import ContractError, read_contract
     from kwsd.kws.decoder import KeywordError, tokenize
 
     try:
         contract = read_contract(model.path)
     except ContractError as exc:
-        raise ConfigError("model.path", str(exc)) from None
+        return "model.path", str(exc)
     for i, kw in enumerate(detector.keywords):
         try:
             tokenize(kw.phrase, contract.tokens)
         except KeywordError as exc:
-            raise ConfigError(f"detector.keywords[{i}].phrase", str(exc)) from None
+            return f"detector.keywords[{i}].phrase", str(exc)
     if detector.top_k > len(contract.tokens):
-        raise ConfigError("detector.top_k", f"must be at most the model's {len(contract.tokens)} tokens, "
-                          f"got {detector.top_k}")
+        return "detector.top_k", f"must be at most the model's {len(contract.tokens)} tokens, got {detector.top_k}"
+    return None
+
+
+def _in_child(call: Callable[..., T], *args: object) -> tuple[T] | None:
+    """``(call(*args),)`` computed in a forked child process; None when the child raised or died (the caller
+    then computes it itself, so an error surfaces as it would have in-process)."""
+    import pickle
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe, then leave without running the parent's exit handlers
+        code = 1
+        try:
+            os.close(read_end)
+            data = pickle.dumps(call(*args))
+            with os.fdopen(write_end, "wb") as out:
+                out.write(data)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer:
+        data = answer.read()
+    _, status = os.waitpid(pid, 0)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        return None
+    return (pickle.loads(data),)  # our own child's answer
 
 
 def _check_replay_file(inp: InputSettings, key: str) -> None:
