@@ -11,6 +11,7 @@ while it is empty, so a dead or stuck thread never hides behind a healthy status
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import sys
 import threading
@@ -207,6 +208,19 @@ class Part:
 
 
 _PR_SET_NAME = 15
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed after a burst of work (the config check parses the whole model file, the model is loaded
+    and warmed up) back to the system, so the resident size is what the daemon keeps using. Best effort: only where
+    the C library has ``malloc_trim`` (glibc)."""
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def name_os_thread(name: str) -> None:

@@ -29,7 +29,7 @@ from kwsd import settings as settings_mod
 from kwsd.audio.hub import AudioHub, RemoteLimits, RemoteRefused, check_sites
 from kwsd.kws.detector import Detector
 from kwsd.kws.session import ModelError, ModelSession
-from kwsd.lifecycle import Backoff, Liveness, describe, supervise
+from kwsd.lifecycle import Backoff, Liveness, describe, release_freed_memory, supervise
 from kwsd.metrics import Metrics
 from kwsd.mqtt.messages import MessageError, WakeEvent
 from kwsd.mqtt.outbox import Outbox
@@ -541,6 +541,7 @@ class Daemon:
             self._commit(plan)
             assert self.pipeline is not None
             log.info("configuration reloaded: %d sites", len(self.hub.sites()) if self.hub else 0)
+            release_freed_memory()
             self.notifier.ready(self.status_line())
             return True
 
@@ -567,6 +568,7 @@ class Daemon:
         while time.monotonic() < deadline and self.hub is not None and any(
                 st.state == "starting" for st in self.hub.status().values()):
             time.sleep(0.02)
+        release_freed_memory()
         self._ready = True
         self._check_inputs()
         status = self.status_line()
