@@ -119,7 +119,6 @@ class BatchFbank:
         self.fft_size = 1 << (self.frame_length - 1).bit_length()
         self._window = window(window_type, self.frame_length).astype(np.float32)
         self._mel = mel_banks(num_mel_bins, self.fft_size, sample_rate)
-        self._offsets = np.arange(self.frame_length, dtype=np.intp)
         _single_threaded_blas()
 
     @classmethod
@@ -161,8 +160,10 @@ class BatchFbank:
         # Stream i keeps its samples from its next frame on.
         keep_from = (starts + counts * self.frame_shift).tolist()
         ends = (starts + lengths).tolist()
+        # Views into this call's own concatenation (no copy per stream); a lone chunk is the caller's buffer.
+        own = len(parts) > 1
         for st, a, b, k in zip(states, keep_from, ends, counts.tolist(), strict=True):
-            st.leftover = flat[a:b].copy()
+            st.leftover = flat[a:b] if own else flat[a:b].copy()
             st.frames += k
         edges = np.zeros(n + 1, dtype=np.intp)
         np.cumsum(counts, out=edges[1:])
@@ -174,9 +175,10 @@ class BatchFbank:
         j = np.arange(total) - edges[owner]
         frame_starts = starts[owner] + j * self.frame_shift
         feats = np.empty((total, self.num_mel_bins), dtype=np.float32)
+        windows = np.lib.stride_tricks.sliding_window_view(flat, self.frame_length)  # row i: samples i .. i+len-1
         for a in range(0, total, _BLOCK):  # blocks small enough for the intermediates to stay in cache
             b = min(a + _BLOCK, total)
-            feats[a:b] = self.frames(flat[frame_starts[a:b, None] + self._offsets[None, :]])
+            feats[a:b] = self.frames(windows[frame_starts[a:b]])
         bounds = edges.tolist()
         return [feats[bounds[i] : bounds[i + 1]] for i in range(n)]
 
