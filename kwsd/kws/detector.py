@@ -314,7 +314,6 @@ class Detector:
             raise ValueError(f"phases {phases!r} must be 1..{c.features.lfr_stride}")
         self.phases = phases
         self._phase_list = tuple(range(phases))
-        self._phase_arr = np.arange(phases, dtype=np.intp)
         self._fbank = batch_fbank(c.features)
         self.keywords = build_keywords(settings.keywords, c.tokens, self.frame_seconds)
         self.step_frames = max(1, settings.step_frames)
@@ -521,7 +520,7 @@ class Detector:
         taken = np.fromiter((s.taken for s in streams), dtype=np.intp, count=len(streams))
         total = np.fromiter((s.fbank.frames for s in streams), dtype=np.intp, count=len(streams))
         base = np.array(bases, dtype=np.intp)
-        rows = lfr_rows(fc, self._phase_arr, taken, frames, total, final)
+        rows = lfr_rows(fc, self._phase_list, taken, frames, total, final)
         feats = fbank[rows + base[:, None, None, None]].reshape(len(streams) * self.phases, frames, fc.dim)
         # Keep the fbank frames from the last model frame run on (a view of this step's gathered frames: no copy
         # per stream): the next frames splice part of them, and a flush may repeat the last frame.

@@ -120,23 +120,37 @@ def fbank_batch(streams: Sequence[FbankStream], chunks: Sequence[np.ndarray]) ->
     return streams[0]._batch.compute([s.state for s in streams], chunks)
 
 
-def lfr_rows(config: FeatureConfig, phases: np.ndarray, first: np.ndarray, frames: int, fbank_total: np.ndarray,
-             final: bool = False) -> np.ndarray:
+def lfr_rows(config: FeatureConfig, phases: tuple[int, ...], first: np.ndarray, frames: int,
+             fbank_total: np.ndarray, final: bool = False) -> np.ndarray:
     """Which fbank frames model frames ``first .. first+frames-1`` of ``n`` streams splice, at each phase.
 
-    ``phases`` [P], ``first`` and ``fbank_total`` [n] (fbank frames each stream has); returns absolute fbank
-    frame indices ``[n, P, frames, left + 1 + right]``. The first fbank frame repeats on the left. ``final``: the
+    ``first`` and ``fbank_total`` [n] (fbank frames each stream has); returns absolute fbank frame indices
+    ``[n, len(phases), frames, left + 1 + right]``. The first fbank frame repeats on the left. ``final``: the
     streams end here; the last fbank frame repeats on the right, and model frames past a stream's last one (the
     model's look-ahead being flushed) repeat that last frame. Gathering these rows of the fbank frames gives the
     model's input for a whole batch in one indexing operation.
     """
     stride = config.lfr_stride
+    start = stride * first[:, None, None, None]
+    if not final:
+        rows = start + _splice_pattern(stride, config.lfr_left, config.lfr_right, phases, frames)[None]
+        if int(first.min()) * stride + min(phases) >= config.lfr_left:  # no left edge: every row is there
+            return rows
+        return np.maximum(rows, 0)
     k = first[:, None, None, None] + np.arange(frames)[None, None, :, None]
     total = fbank_total[:, None, None, None]
-    if final:
-        k = np.minimum(k, (total - 1 - int(phases.min())) // stride)
-    rows = stride * k + phases[None, :, None, None] + np.arange(-config.lfr_left, config.lfr_right + 1)
+    k = np.minimum(k, (total - 1 - min(phases)) // stride)
+    rows = stride * k + np.array(phases)[None, :, None, None] + np.arange(-config.lfr_left, config.lfr_right + 1)
     return np.clip(rows, 0, np.maximum(total - 1, 0))
+
+
+@cache
+def _splice_pattern(stride: int, left: int, right: int, phases: tuple[int, ...], frames: int) -> np.ndarray:
+    """Row offsets ``[phases, frames, left + 1 + right]`` of model frames 0 .. frames-1 (read-only)."""
+    k = np.arange(frames)[None, :, None]
+    out = stride * k + np.array(phases)[:, None, None] + np.arange(-left, right + 1)[None, None, :]
+    out.setflags(write=False)
+    return out
 
 
 def lfr_ready(config: FeatureConfig, phases: Sequence[int], fbank_total: int, final: bool = False) -> int:
@@ -161,7 +175,6 @@ class LfrStacker:
         if not phases or any(not 0 <= p < self.config.lfr_stride for p in phases):
             raise ValueError(f"phases {tuple(phases)!r} must be distinct values in 0..{self.config.lfr_stride - 1}")
         self.phases = tuple(phases)
-        self._phase_arr = np.array(self.phases, dtype=np.intp)
         self.reset()
 
     def reset(self) -> None:
@@ -207,7 +220,7 @@ class LfrStacker:
         if count <= 0:
             return np.empty((n_phases, 0, cfg.dim), dtype=np.float32)
         stride, left, lo = cfg.lfr_stride, cfg.lfr_left, min(self.phases)
-        rows = lfr_rows(cfg, self._phase_arr, np.array([self.frames_out]), count, np.array([total]), final)[0]
+        rows = lfr_rows(cfg, self.phases, np.array([self.frames_out]), count, np.array([total]), final)[0]
         ctx = self._context
         out = ctx[rows - self._context_start].reshape(n_phases, count, cfg.dim)
         self.frames_out += count
