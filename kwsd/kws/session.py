@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kwsd.kws.contract import (
+    EXPORTER,
     INPUT_CACHE,
     INPUT_FEATS,
     OUTPUT_CACHE,
@@ -192,6 +193,10 @@ class ModelSession:
             self.contract = ModelContract.from_metadata(meta, str(self.path))
         except ContractError as exc:
             raise ModelError(str(exc)) from exc
+        if self.contract.exporter != EXPORTER:
+            log.warning("model file %s was exported by %r, not by this kwsd's exporter (%r): it works, but run "
+                        "scripts/setup to export it anew (`kwsd model export --if-outdated`)",
+                        self.path, self.contract.exporter, EXPORTER)
         self._check_io()
         self.max_batch = max(1, max_batch)
         self.io_binding = self.provider != CPU
