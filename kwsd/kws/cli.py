@@ -9,9 +9,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable)")
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return number
+
+
 def _plot_file(value: str) -> Path:
     """``--plot FILE``, refused before any work when matplotlib is not installed."""
     try:
@@ -84,6 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--channel", type=int, default=0, help="channel to listen to (default 0)")
     p.add_argument("--mix", action="store_true", help="listen to the mean of all channels instead")
+    p.add_argument("--jobs", type=_positive_int, metavar="N",
+                   help="recordings decoded at once, each on its own thread (default: one per CPU core; the "
+                        "output is the same, in the order of the files)")
     p.add_argument("--block", type=float, default=0.0,
                    help="feed the audio in blocks of this many seconds, as a live stream would (default: 10 s "
                         "blocks; detections do not depend on it)")
@@ -114,29 +130,94 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_detect(args: argparse.Namespace) -> int:
     try:
         s = _load_settings(args)
-        detector = Detector(open_session(s), s.detector)
+        session = open_session(s)
+        detectors = [Detector(session, s.detector, threads=1) for _ in range(detect_jobs(args.jobs, args.files))]
     except (ConfigError, ModelError, KeywordError) as exc:
         log.error("%s", exc)
         return 2
     failed = 0
-    block_seconds = args.block or 10.0
-    for path in args.files:
-        name = str(path)
-        detector.add_stream(name)
-        try:
-            hits: list[Detection] = []
-            for block in read_wav_blocks(path, None if args.mix else args.channel, detector.sample_rate,
-                                         block_seconds):
-                detector.accept(name, block)
-                hits = detector.step()
-                _print_detections(path, hits)
-            _print_detections(path, detector.finish(name))
-        except AudioFileError as exc:
-            log.error("%s", exc)
+    for path, found in detect_files(detectors, args.files, None if args.mix else args.channel,
+                                    args.block or 10.0):
+        if isinstance(found, AudioFileError):
+            log.error("%s", found)
             failed += 1
-        finally:
-            detector.remove_stream(name)
+        else:
+            _print_detections(path, found)
     return 1 if failed else 0
+
+
+def detect_jobs(jobs: int | None, files: Sequence[Path]) -> int:
+    """Recordings decoded at once: ``--jobs``, or one per CPU this process may use; never more than the files."""
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(jobs, len(files)))
+
+
+_DONE = object()
+
+
+def detect_files(detectors: Sequence[Detector], paths: Sequence[Path], channel: int | None,
+                 block_seconds: float = 10.0) -> Iterator[tuple[Path, list[Detection] | AudioFileError]]:
+    """Every recording of ``paths`` streamed through a detector, one recording per detector at a time, each on
+    its own thread (the model and the numpy front end release the interpreter lock, so the recordings are decoded
+    side by side on separate cores).
+
+    Yields in the order of ``paths``: ``(path, detections)`` as they are found (a recording's may come in several
+    parts, so a long recording's detections appear while it is decoded), then ``(path, AudioFileError)`` for a
+    recording that cannot be read. Each recording runs alone on its stream, exactly as ``detect_samples`` would
+    run it: the detections do not depend on the other recordings or on the number of detectors.
+    """
+    results: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in paths]
+    order = iter(enumerate(paths))
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def work(detector: Detector) -> None:
+        while not stop.is_set():
+            with lock:
+                index, path = next(order, (-1, None))
+            if path is None:
+                return
+            out = results[index]
+            name = str(path)
+            detector.add_stream(name)
+            try:
+                for block in read_wav_blocks(path, channel, detector.sample_rate, block_seconds):
+                    detector.accept(name, block)
+                    if hits := detector.step():
+                        out.put(hits)
+                    if stop.is_set():
+                        return
+                if hits := detector.finish(name):
+                    out.put(hits)
+                out.put(_DONE)
+            except AudioFileError as exc:
+                out.put(exc)
+            except BaseException as exc:  # a fault of kwsd itself: raised in the caller's thread when it gets here
+                out.put(exc)
+            finally:
+                detector.remove_stream(name)
+
+    threads = [threading.Thread(target=work, args=(d,), name=f"kwsd-detect-{i}", daemon=True)
+               for i, d in enumerate(detectors)]
+    for t in threads:
+        t.start()
+    try:
+        for path, out in zip(paths, results, strict=True):
+            while True:
+                item = out.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, AudioFileError):
+                    yield path, item
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield path, item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def _print_detections(path: Path, hits: Sequence[Detection]) -> None:
