@@ -16,22 +16,24 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # the commands import what they use when they run: ``kwsd --help`` and other commands do not
+    import numpy as np
 
-from kwsd import settings as settings_mod
-from kwsd.audio.wavfile import AudioFileError, read_wav_blocks
-from kwsd.kws.decoder import KeywordError
-from kwsd.kws.detector import Detection, Detector, build_keywords
-from kwsd.kws.evaluation import SHIFTS, Evaluation, Positives, evaluate
-from kwsd.kws.session import ModelError, ModelSession
-from kwsd.settings import ConfigError, KeywordSettings, Settings
+    from kwsd.audio.wavfile import AudioFileError
+    from kwsd.kws.detector import Detection, Detector
+    from kwsd.kws.evaluation import Evaluation, Positives
+    from kwsd.kws.session import ModelSession
+    from kwsd.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def _load_settings(args: argparse.Namespace) -> Settings:
+    from kwsd import settings as settings_mod
+    from kwsd.settings import KeywordSettings, Settings
+
     base = settings_mod.load(args.config) if args.config else Settings()
     det = base.detector
     if args.keyword:
@@ -55,6 +57,8 @@ def _load_settings(args: argparse.Namespace) -> Settings:
 
 
 def open_session(s: Settings) -> ModelSession:
+    from kwsd.kws.session import ModelSession
+
     return ModelSession(s.model.path, s.model.providers, s.model.intra_op_threads, s.model.max_batch)
 
 
@@ -103,7 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block", type=float, default=0.0,
                    help="feed the audio in blocks of this many seconds, as a live stream would (default: 10 s "
                         "blocks; detections do not depend on it)")
-    p.set_defaults(func=cmd_detect)
+    p.set_defaults(func=cmd_detect, exit_at_once=True)
 
     p = sub.add_parser(
         "eval", help="DET table per keyword (recall vs false alarms per threshold) on labelled recordings",
@@ -124,10 +128,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "configured threshold")
     p.add_argument("--offsets", type=int, choices=(1, 2, 3), default=3,
                    help="evaluate every positive started 0, 10 and 20 ms later (3, default), or fewer")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, exit_at_once=True)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    from kwsd.audio.wavfile import AudioFileError
+    from kwsd.kws.decoder import KeywordError
+    from kwsd.kws.detector import Detector
+    from kwsd.kws.session import ModelError
+    from kwsd.settings import ConfigError
+
     try:
         s = _load_settings(args)
         session = open_session(s)
@@ -167,6 +177,8 @@ def detect_files(detectors: Sequence[Detector], paths: Sequence[Path], channel: 
     recording that cannot be read. Each recording runs alone on its stream, exactly as ``detect_samples`` would
     run it: the detections do not depend on the other recordings or on the number of detectors.
     """
+    from kwsd.audio.wavfile import AudioFileError, read_wav_blocks
+
     results: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in paths]
     order = iter(enumerate(paths))
     lock = threading.Lock()
@@ -234,6 +246,8 @@ def _print_detections(path: Path, hits: Sequence[Detection]) -> None:
 
 def posteriors(session: ModelSession, samples: np.ndarray, phase: int = 0) -> np.ndarray:
     """Token posteriors for every model frame of a whole recording at one LFR phase (look-ahead flushed)."""
+    import numpy as np
+
     from kwsd.kws.features import offline_features
 
     feats = offline_features(samples, session.contract.features, phase)
@@ -244,6 +258,9 @@ def posteriors(session: ModelSession, samples: np.ndarray, phase: int = 0) -> np
 
 
 def _positives(values: Sequence[str], known: set[str]) -> list[Positives]:
+    from kwsd.kws.evaluation import Positives
+    from kwsd.settings import ConfigError
+
     out = []
     for value in values:
         wid, sep, folder = value.partition("=")
@@ -256,6 +273,14 @@ def _positives(values: Sequence[str], known: set[str]) -> list[Positives]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from kwsd.kws.decoder import KeywordError
+    from kwsd.kws.detector import build_keywords
+    from kwsd.kws.evaluation import SHIFTS, evaluate
+    from kwsd.kws.session import ModelError
+    from kwsd.settings import ConfigError
+
     try:
         s = _load_settings(args)
         session = open_session(s)
