@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -118,3 +119,65 @@ def test_plot_without_matplotlib_fails_before_the_model_pass(tmp_path: Path) -> 
     assert r.returncode == 2
     assert r.stderr.splitlines()[-1] == (
         "kwsd eval: error: argument --plot: matplotlib is not installed: pip install 'kwsd[plot]'")
+
+
+def _detect_lines(*args: str, cwd: Path) -> tuple[int, list[str], str]:
+    r = kwsd("detect", *args, cwd=cwd)
+    return r.returncode, r.stdout.splitlines(), r.stderr
+
+
+def test_detect_on_many_files_is_each_file_alone(positives: list[Path], negatives: list[Path],
+                                                 model_path: Path, tmp_path: Path) -> None:
+    """Recordings decoded side by side give, file by file and in the order given, what each gives alone."""
+    # Long and short recordings mixed, so the threads finish them out of order.
+    files = [*positives[:6], *negatives[:4], *positives[-3:]]
+    alone = []
+    for f in files:
+        code, lines, err = _detect_lines("--model", str(model_path), "--jobs", "1", str(f), cwd=tmp_path)
+        assert code == 0 and err == "", err
+        assert all(json.loads(line)["file"] == str(f) for line in lines)
+        alone.extend(lines)
+    assert sum(json.loads(line)["keyword"] == "小云小云" for line in alone) >= 8  # the positives are heard
+    for jobs in ("2", "3", "13"):
+        code, lines, err = _detect_lines("--model", str(model_path), "--jobs", jobs, *map(str, files), cwd=tmp_path)
+        assert code == 0 and err == "", err
+        assert lines == alone, f"--jobs {jobs}"
+    code, lines, err = _detect_lines("--model", str(model_path), *map(str, files), cwd=tmp_path)  # default jobs
+    assert (code, lines, err) == (0, alone, "")
+
+
+def test_detect_skips_a_bad_file_among_good_ones(positives: list[Path], model_path: Path, tmp_path: Path) -> None:
+    """An unreadable file is named in one line and skipped; the others' detections come as before; status 1."""
+    bad = tmp_path / "notes.wav"
+    bad.write_text("not audio\n" * 50)
+    missing = tmp_path / "gone.wav"
+    good = positives[:3]
+    _, expected, _ = _detect_lines("--model", str(model_path), *map(str, good), cwd=tmp_path)
+    assert len(expected) >= 3
+    files = [good[0], bad, good[1], missing, good[2]]
+    code, lines, err = _detect_lines("--model", str(model_path), "--jobs", "2", *map(str, files), cwd=tmp_path)
+    assert code == 1
+    assert lines == expected
+    assert "Traceback" not in err
+    assert err.splitlines() == [
+        f"ERROR kwsd.kws.cli: {bad}: cannot read audio: not an audio file libsndfile knows (WAV, FLAC, OGG, MP3, "
+        "AIFF, ...)",
+        f"ERROR kwsd.kws.cli: {missing}: no such file",
+    ]
+
+
+def test_detect_jobs_must_be_a_positive_number(tmp_path: Path) -> None:
+    r = kwsd("detect", "--jobs", "0", "x.wav", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1] == "kwsd detect: error: argument --jobs: '0' is not a whole number of at least 1"
+
+
+def test_detect_into_a_closed_pipe_ends_quietly(positives: list[Path], model_path: Path, tmp_path: Path) -> None:
+    """``kwsd detect ... | head -1``: the reader leaves after one line; kwsd ends without a traceback."""
+    entry = Path(sys.prefix) / "bin" / "kwsd"
+    cmd = f"{entry} detect --model {model_path} {' '.join(map(str, positives))} | head -1"
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.stdout.count("\n") == 1 and '"keyword": "小云小云"' in r.stdout
+    assert r.stderr == ""
+    assert r.returncode == 1
