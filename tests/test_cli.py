@@ -181,3 +181,29 @@ def test_detect_into_a_closed_pipe_ends_quietly(positives: list[Path], model_pat
     assert r.stdout.count("\n") == 1 and '"keyword": "小云小云"' in r.stdout
     assert r.stderr == ""
     assert r.returncode == 1
+
+
+def test_eval_result_does_not_depend_on_jobs(positives: list[Path], negatives: list[Path], model_path: Path,
+                                             tmp_path: Path) -> None:
+    """``kwsd eval`` decodes recordings side by side: the tables, the misses and the unreadable files (in order)
+    are those of one recording at a time."""
+    pos, neg = tmp_path / "pos", tmp_path / "neg"
+    pos.mkdir()
+    neg.mkdir()
+    for p in positives[:5]:
+        (pos / p.name).write_bytes(p.read_bytes())
+    for p in negatives[:6]:
+        (neg / p.name).write_bytes(p.read_bytes())
+    (pos / "0-broken.wav").write_bytes(b"RIFF....WAVEjunk")
+    (neg / "zz-empty.wav").write_bytes(b"")
+    runs = {}
+    for jobs in ("1", "3"):
+        r = kwsd("eval", "--model", str(model_path), "--json", "--jobs", jobs, "--positive", str(pos),
+                 "--negative", str(neg), cwd=tmp_path)
+        assert r.returncode == 1, r.stderr
+        assert "Traceback" not in r.stderr
+        runs[jobs] = r.stdout
+    assert runs["1"] == runs["3"]
+    out = json.loads(runs["1"])
+    assert [u["file"] for u in out["unreadable"]] == [str(pos / "0-broken.wav"), str(neg / "zz-empty.wav")]
+    assert out["negative_files"] == 6 and out["keywords"][0]["positives"] == 5

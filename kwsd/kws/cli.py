@@ -126,6 +126,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explain", action="store_true",
                    help="list every false alarm (file, time, score) and every missed positive (best score) at the "
                         "configured threshold")
+    p.add_argument("--jobs", type=_positive_int, metavar="N",
+                   help="recordings decoded at once, each on its own thread (default: one per CPU core; the "
+                        "result is the same)")
     p.add_argument("--offsets", type=int, choices=(1, 2, 3), default=3,
                    help="evaluate every positive started 0, 10 and 20 ms later (3, default), or fewer")
     p.set_defaults(func=cmd_eval, exit_at_once=True)
@@ -141,7 +144,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     try:
         s = _load_settings(args)
         session = open_session(s)
-        detectors = [Detector(session, s.detector, threads=1) for _ in range(detect_jobs(args.jobs, args.files))]
+        detectors = [Detector(session, s.detector, threads=1) for _ in range(min(cpu_jobs(args.jobs), len(args.files)))]
     except (ConfigError, ModelError, KeywordError) as exc:
         log.error("%s", exc)
         return 2
@@ -156,11 +159,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def detect_jobs(jobs: int | None, files: Sequence[Path]) -> int:
-    """Recordings decoded at once: ``--jobs``, or one per CPU this process may use; never more than the files."""
+def cpu_jobs(jobs: int | None) -> int:
+    """Recordings to decode at once: ``--jobs``, or one per CPU this process may use."""
     if jobs is None:
         jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(jobs, len(files)))
+    return max(1, jobs)
 
 
 _DONE = object()
@@ -296,7 +299,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 2
     thresholds = sorted({round(x, 2) for x in np.arange(0.05, 1.0, 0.05)} | {k.threshold for k in s.detector.keywords})
     t0 = time.perf_counter()
-    result = evaluate(session, s.detector, positives, args.negative, thresholds, SHIFTS[: args.offsets])
+    result = evaluate(session, s.detector, positives, args.negative, thresholds, SHIFTS[: args.offsets],
+                      jobs=cpu_jobs(args.jobs))
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=1, ensure_ascii=False))
     else:
