@@ -152,6 +152,17 @@ class PhasedDecoder:
         self._near: dict[str, _Near] = {}  # per keyword, the near miss being fused
         self._last_near: dict[str, int] = {}  # per keyword, the end of its last reported near miss
 
+    @property
+    def idle(self) -> bool:
+        """No hit held, no near miss forming or being fused: frames without keyword tokens change nothing here
+        beyond the decoders' own :meth:`KeywordDecoder.skip`."""
+        if self._held or self._near:
+            return False
+        for dec in self.decoders:
+            if dec.near_pending:
+                return False
+        return True
+
     def fuse(self, found: Sequence[tuple[int, Hit]], last_frame: int | None) -> list[PhaseHit]:
         """Add the phases' hits ``(phase, hit)`` of frames up to ``last_frame`` (the last model frame every phase
         has decoded; None: the stream ended) and return the fused hits now complete."""
@@ -475,15 +486,26 @@ class Detector:
     # -- inference ------------------------------------------------------------------------------------------
 
     def step(self) -> list[Detection]:
-        """Run every stream with at least ``step_frames`` frames pending; repeat until none has."""
+        """Run every stream with at least ``step_frames`` frames pending on all its pending frames.
+
+        Streams fed in real time have ``step_frames`` or one frame more pending (100 ms blocks are 3.33 model
+        frames): each of those two groups is one batched call, so no stream carries a frame to the next step
+        (where it would be decided a block later) and no step runs more than one frame above the average.
+        Backlogs of other sizes (whole files) run in rounds of the smallest one, all of them in every round.
+        """
         self._extract_all()
         hits: list[Detection] = []
         while True:
             ready = [s for s in self._streams.values() if s.pending_frames >= self.step_frames]
             if not ready:
                 return hits
-            frames = self.step_frames * min(s.pending_frames // self.step_frames for s in ready)
-            hits.extend(self._run(ready, frames))
+            least = min(s.pending_frames for s in ready)
+            longer = [s for s in ready if s.pending_frames > least]
+            if longer and all(s.pending_frames == least + 1 for s in longer):
+                hits.extend(self._run([s for s in ready if s.pending_frames == least], least))
+                hits.extend(self._run(longer, least + 1))
+            else:
+                hits.extend(self._run(ready, least))
 
     def _take(self, stream: _Stream, frames: int) -> np.ndarray:
         data = stream.pending[0] if len(stream.pending) == 1 else np.concatenate(stream.pending, axis=1)
@@ -511,9 +533,15 @@ class Detector:
         if self.scan:
             busy, blank = self._scanner.scan(probs)
             busy_l, blank_l = busy.tolist(), blank.tolist()
+            quiet: list[bool] = (~np.asarray(busy).reshape(-1, n_phases).any(axis=1)).tolist()  # type: ignore[assignment]
         for i, s in enumerate(streams):
             first = s.outputs - delay  # model frame index of this block's first output
             s.outputs += frames
+            if self.scan and first >= 0 and quiet[i] and s.phased.idle:
+                # Nothing to decode, hold or report: the cheap path of most streams in most steps.
+                for phase, dec in enumerate(s.phased.decoders):
+                    dec.skip(first, frames, blank_l[i * n_phases + phase])
+                continue
             found: list[tuple[int, Hit]] = []
             for phase, dec in enumerate(s.phased.decoders):
                 row = i * n_phases + phase
