@@ -68,7 +68,8 @@ def entry() -> NoReturn:
     A command that sets ``exit_at_once`` (one that runs its work to the end and has nothing left running, such as
     ``detect``) ends the process as soon as its output and logs are flushed: the interpreter's teardown (every
     module and onnxruntime's session freed one by one) would add about 30 ms to a run that lasts a few hundred.
-    Output to a pipe that was closed early (``kwsd detect ... | head -1``) ends the command quietly.
+    Output to a pipe that was closed early (``kwsd detect ... | head -1``) ends the command quietly, and so does
+    Ctrl-C (status 130, as a shell reports it).
     """
     try:
         args = build_parser().parse_args()
@@ -78,6 +79,8 @@ def entry() -> NoReturn:
         # The reader is gone: nothing more can be written, and Python's own flush at exit must not complain.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C on a command without its own signal handling (``run`` has one)
+        sys.exit(130)
     if getattr(args, "exit_at_once", False):
         logging.shutdown()
         sys.stderr.flush()

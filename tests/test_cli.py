@@ -207,3 +207,21 @@ def test_eval_result_does_not_depend_on_jobs(positives: list[Path], negatives: l
     out = json.loads(runs["1"])
     assert [u["file"] for u in out["unreadable"]] == [str(pos / "0-broken.wav"), str(neg / "zz-empty.wav")]
     assert out["negative_files"] == 6 and out["keywords"][0]["positives"] == 5
+
+
+def test_detect_ctrl_c_ends_quietly(positives: list[Path], negatives: list[Path], model_path: Path,
+                                    tmp_path: Path) -> None:
+    """Ctrl-C while recordings are decoded on several threads: the threads stop, status 130, no traceback."""
+    files = [*positives, *negatives] * 6
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KWSD_")}
+    proc = subprocess.Popen([str(Path(sys.prefix) / "bin" / "kwsd"), "detect", "--model", str(model_path),
+                             "--jobs", "2", *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path, env=clean)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # decoding has begun
+    assert '"keyword": "小云小云"' in first
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert len(rest.splitlines()) < 25 * 6 // 2  # it stopped early: the files hold 25 detections, 6 times
+    assert err == ""
