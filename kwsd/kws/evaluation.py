@@ -20,17 +20,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
 from kwsd.audio.wavfile import AudioFileError, read_wav_blocks, wav_seconds
-from kwsd.kws.decoder import KeywordDecoder
+from kwsd.kws.decoder import Keyword, KeywordDecoder
 from kwsd.kws.detector import PhasedDecoder, PhaseHit, build_keywords, new_decoder
 from kwsd.kws.features import FbankStream, LfrStacker
 from kwsd.kws.session import ModelSession
-from kwsd.settings import DetectorSettings
+from kwsd.settings import DetectorSettings, KeywordSettings
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,7 @@ def decode_recording(session: ModelSession, settings: DetectorSettings, blocks: 
     stride = fc.lfr_stride
 
     def decoders(threshold: float | None) -> PhasedDecoder:
-        kws = settings.keywords if threshold is None else [
-            dataclasses.replace(k, threshold=threshold) for k in settings.keywords]
-        keywords = build_keywords(kws, tokens, frame_seconds)
+        keywords = _keywords(settings.keywords, threshold, tokens, frame_seconds)
         return PhasedDecoder([new_decoder(keywords, settings, frame_seconds) for _ in range(phases)], stride)
 
     sets = {t: decoders(t) for t in thresholds}
@@ -176,6 +175,15 @@ def decode_recording(session: ModelSession, settings: DetectorSettings, blocks: 
 
     best = {k.wakeword_id: configured.best_score(k.wakeword_id, shaped=True) for k in settings.keywords}
     return RecordingResult({t: [to_found(ph) for ph in v] for t, v in found.items()}, best, seconds)
+
+
+@lru_cache(maxsize=512)
+def _keywords(keywords: tuple[KeywordSettings, ...], threshold: float | None, tokens: tuple[str, ...],
+              frame_seconds: float) -> tuple[Keyword, ...]:
+    """The configured keywords (all at ``threshold``, unless None), spelled once per evaluation rather than once
+    per recording and threshold (spelling indexes the 2599 tokens: 0.6 ms, a quarter of a whole evaluation)."""
+    kws = keywords if threshold is None else [dataclasses.replace(k, threshold=threshold) for k in keywords]
+    return tuple(build_keywords(kws, tokens, frame_seconds))
 
 
 # ---------------------------------------------------------------------------------------------------------------
