@@ -7,6 +7,7 @@ import ctypes
 import io
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kwsd.kws.contract import (
+    EXPORTER,
     INPUT_CACHE,
     INPUT_FEATS,
     OUTPUT_CACHE,
@@ -74,15 +76,23 @@ def runtime_build() -> tuple[str, str]:
 
 
 def both_runtimes_installed() -> bool:
-    """``onnxruntime`` and ``onnxruntime-gpu`` in one environment overwrite each other's files."""
-    from importlib import metadata
+    """``onnxruntime`` and ``onnxruntime-gpu`` in one environment overwrite each other's files.
 
-    found = 0
-    for name in ("onnxruntime", "onnxruntime-gpu"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            metadata.distribution(name)
-            found += 1
-    return found == 2
+    Read from the ``*.dist-info`` folders on ``sys.path``: ``importlib.metadata`` costs every start-up 20 ms of
+    imports for the same answer.
+    """
+    found: set[str] = set()
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".dist-info"):
+                dist = name.split("-", 1)[0].lower().replace(".", "_")
+                if dist in ("onnxruntime", "onnxruntime_gpu"):
+                    found.add(dist)
+    return len(found) == 2
 
 
 def cuda_load_error() -> str | None:
@@ -183,6 +193,10 @@ class ModelSession:
             self.contract = ModelContract.from_metadata(meta, str(self.path))
         except ContractError as exc:
             raise ModelError(str(exc)) from exc
+        if self.contract.exporter != EXPORTER:
+            log.warning("model file %s was exported by %r, not by this kwsd's exporter (%r): it works, but run "
+                        "scripts/setup to export it anew (`kwsd model export --if-outdated`)",
+                        self.path, self.contract.exporter, EXPORTER)
         self._check_io()
         self.max_batch = max(1, max_batch)
         self.io_binding = self.provider != CPU
