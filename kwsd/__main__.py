@@ -12,6 +12,11 @@ from typing import NoReturn
 
 from kwsd import __version__
 
+# BLAS stays on the calling thread throughout kwsd (the front end's mel product; kwsd spreads streams and recordings
+# over threads itself). Said before numpy loads OpenBLAS, its worker threads are never started: they busy-wait for
+# about 0.1 s of CPU after numpy's import, on the cores the decoding threads need. A value the user set is kept.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # command name -> module providing ``register(subparsers)``; the registered parser sets ``func(args) -> int``.
 COMMANDS: tuple[str, ...] = (
     "kwsd.model.cli",

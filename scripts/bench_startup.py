@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -37,13 +38,21 @@ ENV: dict[str, str] = {}
 """The environment of every timed command (set in main)."""
 
 
-def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+CPU: dict[str, list[float]] = {}
+"""CPU seconds (user + system) of each timed command, per case: unlike wall time, barely moved by other load."""
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, case: str = "") -> float:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
                        env=env or ENV)
     took = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-500:]}")
+    if case:
+        CPU.setdefault(case, []).append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     return took
 
 
@@ -122,8 +131,10 @@ def main() -> int:
                 python = co / ".venv/bin/python"
                 model = args.model or co / "models/kwsd-xiaoyun.onnx"
                 detect = [str(python), "-m", "kwsd", "detect", "--model", str(model)]
-                results.setdefault((co, "detect, 1 clip"), []).append(timed([*detect, str(one)], co))
-                results.setdefault((co, "detect, all clips"), []).append(timed([*detect, *map(str, clips)], co))
+                results.setdefault((co, "detect, 1 clip"), []).append(
+                    timed([*detect, str(one)], co, case=f"{co} 1"))
+                results.setdefault((co, "detect, all clips"), []).append(
+                    timed([*detect, *map(str, clips)], co, case=f"{co} all"))
                 if args.no_bytecode:
                     results.setdefault((co, "detect, 1 clip, no .pyc"), []).append(
                         timed([*detect, str(one)], co, source_env))
@@ -145,6 +156,9 @@ def main() -> int:
             ratio = median / audio_seconds
             rtf = f"{ratio:>10.4f} {RTF_TARGET:>10.4f} {'ok' if ratio <= RTF_TARGET else 'OVER'}"
         print(f"{str(co)[-28:]:<28} {case:<28} {median:>9.3f} {min(times):>7.3f} {mark} {rtf}")
+    print("CPU seconds (user + system, median) of the same runs: "
+          + "; ".join(f"{str(co)[-28:]} detect 1 clip {statistics.median(CPU[f'{co} 1']):.3f}, all clips "
+                      f"{statistics.median(CPU[f'{co} all']):.3f}" for co in checkouts))
     return 0
 
 
