@@ -144,7 +144,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     try:
         s = _load_settings(args)
         session = open_session(s)
-        detectors = [Detector(session, s.detector, threads=1) for _ in range(min(cpu_jobs(args.jobs), len(args.files)))]
+        jobs = min(cpu_jobs(args.jobs), len(args.files))
+        detectors = [Detector(session, s.detector, threads=1) for _ in range(jobs)]  # the jobs are the threads
     except (ConfigError, ModelError, KeywordError) as exc:
         log.error("%s", exc)
         return 2
