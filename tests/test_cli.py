@@ -225,3 +225,24 @@ def test_detect_ctrl_c_ends_quietly(positives: list[Path], negatives: list[Path]
     assert proc.returncode == 130
     assert len(rest.splitlines()) < 25 * 6 // 2  # it stopped early: the files hold 25 detections, 6 times
     assert err == ""
+
+
+def _imported(*argv: str, cwd: Path) -> set[str]:
+    """The modules ``kwsd ARGV`` imports (``-X importtime``), after checking that it succeeded."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KWSD_")}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "kwsd", *argv], capture_output=True, text=True,
+                       timeout=120, cwd=cwd, env=clean)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_start_up_imports_only_what_the_command_uses(positives: list[Path], model_path: Path,
+                                                    tmp_path: Path) -> None:
+    """``kwsd --help`` loads no numerics; ``kwsd detect`` none of what only other commands need (YAML, TLS,
+    the onnx package and its ml_dtypes, scipy, package metadata, the evaluation engine)."""
+    assert not {"numpy", "onnxruntime", "soundfile", "yaml", "ssl"} & _imported("--help", cwd=tmp_path)
+    detect = _imported("detect", "--model", str(model_path), str(positives[0]), cwd=tmp_path)
+    assert {"numpy", "onnxruntime", "soundfile", "kwsd.kws.detector"} <= detect
+    unused = {"yaml", "ssl", "socket", "onnx", "ml_dtypes", "scipy", "importlib.metadata", "kwsd.kws.evaluation",
+              "matplotlib", "paho", "kwsd.supervisor"}
+    assert not unused & detect
