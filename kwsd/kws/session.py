@@ -261,13 +261,31 @@ class ModelSession:
         return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
 
     def _run_split(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One batch as ``threads`` concurrent calls on consecutive slices of streams."""
+        """One batch as ``threads`` concurrent calls on consecutive slices of streams, each writing its part of
+        the outputs in place (joining the parts afterwards copied the whole posterior tensor once more)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._split - 1, thread_name_prefix="kwsd-model")
-        edges = np.linspace(0, feats.shape[0], self._split + 1).astype(int)
-        futures = [self._pool.submit(self._call, feats[a:b], cache[a:b]) for a, b in pairwise(edges[1:])]
-        parts = [self._call(feats[: edges[1]], cache[: edges[1]])] + [f.result() for f in futures]
-        return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
+        batch, frames = feats.shape[0], feats.shape[1]
+        probs = np.empty((batch, frames, len(self.contract.tokens)), dtype=np.float32)
+        new_cache = np.empty((batch, *self.contract.cache_shape), dtype=np.float32)
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        cache = np.ascontiguousarray(cache, dtype=np.float32)
+        edges = np.linspace(0, batch, self._split + 1).astype(int).tolist()
+        futures = [self._pool.submit(self._call_into, feats[a:b], cache[a:b], probs[a:b], new_cache[a:b])
+                   for a, b in pairwise(edges[1:])]
+        self._call_into(feats[: edges[1]], cache[: edges[1]], probs[: edges[1]], new_cache[: edges[1]])
+        for f in futures:
+            f.result()
+        return probs, new_cache
+
+    def _call_into(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray, new_cache: np.ndarray) -> None:
+        """One call whose outputs land in ``probs`` and ``new_cache`` (contiguous, of the outputs' shapes)."""
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(INPUT_FEATS, feats)
+        binding.bind_cpu_input(INPUT_CACHE, cache)
+        binding.bind_output(OUTPUT_PROBS, "cpu", 0, np.float32, list(probs.shape), probs.ctypes.data)
+        binding.bind_output(OUTPUT_CACHE, "cpu", 0, np.float32, list(new_cache.shape), new_cache.ctypes.data)
+        self._session.run_with_iobinding(binding)
 
     def _call(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probs, new_cache = self._session.run([OUTPUT_PROBS, OUTPUT_CACHE], {INPUT_FEATS: feats, INPUT_CACHE: cache})
