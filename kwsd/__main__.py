@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from kwsd import __version__
+
+# BLAS stays on the calling thread throughout kwsd (the front end's mel product; kwsd spreads streams and recordings
+# over threads itself). Said before numpy loads OpenBLAS, its worker threads are never started: they busy-wait for
+# about 0.1 s of CPU after numpy's import, on the cores the decoding threads need. A value the user set is kept.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # command name -> module providing ``register(subparsers)``; the registered parser sets ``func(args) -> int``.
 COMMANDS: tuple[str, ...] = (
@@ -47,7 +54,10 @@ def subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.INFO,
@@ -57,5 +67,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def entry() -> NoReturn:
+    """The ``kwsd`` program: :func:`main` as a process of its own.
+
+    A command that sets ``exit_at_once`` (one that runs its work to the end and has nothing left running, such as
+    ``detect``) ends the process as soon as its output and logs are flushed: the interpreter's teardown (every
+    module and onnxruntime's session freed one by one) would add about 30 ms to a run that lasts a few hundred.
+    Output to a pipe that was closed early (``kwsd detect ... | head -1``) ends the command quietly, and so does
+    Ctrl-C (status 130, as a shell reports it).
+    """
+    try:
+        args = build_parser().parse_args()
+        code = _run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader is gone: nothing more can be written, and Python's own flush at exit must not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C on a command without its own signal handling (``run`` has one)
+        sys.exit(130)
+    if getattr(args, "exit_at_once", False):
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -11,20 +11,20 @@ import errno
 import math
 import os
 import re
-import socket
-import ssl
 import sys
 import threading
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-import yaml
-import yaml.composer
-import yaml.constructor
+if TYPE_CHECKING:  # yaml, ssl and socket are imported where they are used: most commands never need them
+    import ssl
+
+    import yaml
 
 T = TypeVar("T")
 
@@ -349,6 +349,8 @@ class MqttTlsSettings:
 
     def ssl_context(self, key: str = "mqtt.tls") -> ssl.SSLContext:
         """The client TLS context these settings describe; a file that cannot be loaded is a ConfigError."""
+        import ssl
+
         self.check_files(key, relative_too=True)
         ctx = ssl.create_default_context()
         if self.ca_file is not None:
@@ -381,6 +383,8 @@ class MqttTlsSettings:
 
 
 def _ssl_reason(exc: Exception) -> str:
+    import ssl
+
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
     if isinstance(exc, OSError):
@@ -808,46 +812,56 @@ def _where(data: bytes | str, offset: int) -> str:
     return f"line {line}, column {column}"
 
 
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses duplicate keys and deep nesting, and marks every construction error."""
+@cache
+def _loader_class() -> type[yaml.SafeLoader]:
+    """The YAML loader class, built on first use (importing yaml costs about 10 ms that ``detect`` never needs)."""
+    import yaml
+    import yaml.composer
+    import yaml.constructor
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
+    class Loader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` that refuses duplicate keys and deep nesting, and marks every construction error."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(
-                    None, None, f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self._depth = 0
 
-    def construct_object(self, node: Any, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits, a bad date
-            problem = "integer too long" if "digits" in str(exc) else f"cannot read this value ({exc})"
-            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self._depth += 1
+            try:
+                if self._depth > MAX_DEPTH:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
 
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        seen: dict[Any, int] = {}
-        if isinstance(node, yaml.MappingNode):
-            for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {_show(key)} (first at line {seen[key]})", key_node.start_mark)
-                seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            try:
+                return super().construct_object(node, deep)
+            except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits, a bad date
+                problem = "integer too long" if "digits" in str(exc) else f"cannot read this value ({exc})"
+                raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            if isinstance(node, yaml.MappingNode):
+                for key_node, _ in node.value:
+                    if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {_show(key)} (first at line {seen[key]})", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    return Loader
 
 
 def _yaml_error(exc: yaml.YAMLError, text: str) -> ConfigError:
     """What is wrong and where, never the text of the line (it may hold a password)."""
+    import yaml
     if isinstance(exc, yaml.reader.ReaderError):
         char = exc.character if isinstance(exc.character, int) else ord(exc.character)
         return ConfigError("", f"{_where(text, exc.position)}: not valid YAML: character #x{char:04x} is not "
@@ -862,9 +876,11 @@ def _yaml_error(exc: yaml.YAMLError, text: str) -> ConfigError:
 
 def loads(text: str, base_dir: Path | None = None) -> Settings:
     """Parse and validate config text; with ``base_dir``, relative paths are resolved against it."""
-    loader: _Loader | None = None
+    import yaml
+
+    loader: Any = None
     try:
-        loader = _Loader(text)  # the reader checks every character here
+        loader = _loader_class()(text)  # the reader checks every character here
         data = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, text) from None
@@ -1167,6 +1183,8 @@ def _check_state_dir(service: ServiceSettings) -> None:
 
 def _check_port_free(metrics: MetricsSettings, key: str) -> None:
     """Bind the metrics address and port the way the endpoint will, then let go."""
+    import socket
+
     try:
         infos = socket.getaddrinfo(metrics.address, metrics.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:

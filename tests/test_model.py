@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import struct
 from pathlib import Path
@@ -210,7 +211,8 @@ def test_export_without_the_example_says_what_to_do(
 
 
 def test_export_if_outdated_redoes_a_model_of_an_older_graph_or_other_weights(
-    model_mirror: Path, audio_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    model_mirror: Path, audio_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import onnx
 
@@ -233,6 +235,10 @@ def test_export_if_outdated_redoes_a_model_of_an_older_graph_or_other_weights(
         if prop.key == "kwsd.exporter":
             prop.value = "kwsd 0.1.0"
     onnx.save(m, str(out))
+    with caplog.at_level(logging.WARNING, logger="kwsd"):
+        ModelSession(out, providers=["CPUExecutionProvider"])  # still runs, and says how to renew it
+    assert any("was exported by 'kwsd 0.1.0', not by this kwsd's exporter" in r.getMessage()
+               and "scripts/setup" in r.getMessage() for r in caplog.records)
     assert main(args) == 0
     assert "was written by 'kwsd 0.1.0'; this kwsd writes 'kwsd graph" in capsys.readouterr().out
     assert main(args) == 0 and capsys.readouterr().out.endswith("is up to date\n")

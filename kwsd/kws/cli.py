@@ -9,26 +9,31 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # the commands import what they use when they run: ``kwsd --help`` and other commands do not
+    import numpy as np
 
-from kwsd import settings as settings_mod
-from kwsd.audio.wavfile import AudioFileError, read_wav_blocks
-from kwsd.kws.decoder import KeywordError
-from kwsd.kws.detector import Detection, Detector, build_keywords
-from kwsd.kws.evaluation import SHIFTS, Evaluation, Positives, evaluate
-from kwsd.kws.session import ModelError, ModelSession
-from kwsd.settings import ConfigError, KeywordSettings, Settings
+    from kwsd.audio.wavfile import AudioFileError
+    from kwsd.kws.detector import Detection, Detector
+    from kwsd.kws.evaluation import Evaluation, Positives
+    from kwsd.kws.session import ModelSession
+    from kwsd.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def _load_settings(args: argparse.Namespace) -> Settings:
+    from kwsd import settings as settings_mod
+    from kwsd.settings import KeywordSettings, Settings
+
     base = settings_mod.load(args.config) if args.config else Settings()
     det = base.detector
     if args.keyword:
@@ -52,6 +57,8 @@ def _load_settings(args: argparse.Namespace) -> Settings:
 
 
 def open_session(s: Settings) -> ModelSession:
+    from kwsd.kws.session import ModelSession
+
     return ModelSession(s.model.path, s.model.providers, s.model.intra_op_threads, s.model.max_batch)
 
 
@@ -61,6 +68,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keyword", action="append", help="keyword phrase (repeatable; default: the config's)")
     p.add_argument("--threshold", type=float, help="threshold for every keyword (default: the config's)")
     p.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable)")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return number
 
 
 def _plot_file(value: str) -> Path:
@@ -84,10 +101,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--channel", type=int, default=0, help="channel to listen to (default 0)")
     p.add_argument("--mix", action="store_true", help="listen to the mean of all channels instead")
+    p.add_argument("--jobs", type=_positive_int, metavar="N",
+                   help="recordings decoded at once, each on its own thread (default: one per CPU core; the "
+                        "output is the same, in the order of the files)")
     p.add_argument("--block", type=float, default=0.0,
                    help="feed the audio in blocks of this many seconds, as a live stream would (default: 10 s "
                         "blocks; detections do not depend on it)")
-    p.set_defaults(func=cmd_detect)
+    p.set_defaults(func=cmd_detect, exit_at_once=True)
 
     p = sub.add_parser(
         "eval", help="DET table per keyword (recall vs false alarms per threshold) on labelled recordings",
@@ -106,37 +126,114 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explain", action="store_true",
                    help="list every false alarm (file, time, score) and every missed positive (best score) at the "
                         "configured threshold")
+    p.add_argument("--jobs", type=_positive_int, metavar="N",
+                   help="recordings decoded at once, each on its own thread (default: one per CPU core; the "
+                        "result is the same)")
     p.add_argument("--offsets", type=int, choices=(1, 2, 3), default=3,
                    help="evaluate every positive started 0, 10 and 20 ms later (3, default), or fewer")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, exit_at_once=True)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    from kwsd.audio.wavfile import AudioFileError
+    from kwsd.kws.decoder import KeywordError
+    from kwsd.kws.detector import Detector
+    from kwsd.kws.session import ModelError
+    from kwsd.settings import ConfigError
+
     try:
         s = _load_settings(args)
-        detector = Detector(open_session(s), s.detector)
+        session = open_session(s)
+        jobs = min(cpu_jobs(args.jobs), len(args.files))
+        detectors = [Detector(session, s.detector, threads=1) for _ in range(jobs)]  # the jobs are the threads
     except (ConfigError, ModelError, KeywordError) as exc:
         log.error("%s", exc)
         return 2
     failed = 0
-    block_seconds = args.block or 10.0
-    for path in args.files:
-        name = str(path)
-        detector.add_stream(name)
-        try:
-            hits: list[Detection] = []
-            for block in read_wav_blocks(path, None if args.mix else args.channel, detector.sample_rate,
-                                         block_seconds):
-                detector.accept(name, block)
-                hits = detector.step()
-                _print_detections(path, hits)
-            _print_detections(path, detector.finish(name))
-        except AudioFileError as exc:
-            log.error("%s", exc)
+    for path, found in detect_files(detectors, args.files, None if args.mix else args.channel,
+                                    args.block or 10.0):
+        if isinstance(found, AudioFileError):
+            log.error("%s", found)
             failed += 1
-        finally:
-            detector.remove_stream(name)
+        else:
+            _print_detections(path, found)
     return 1 if failed else 0
+
+
+def cpu_jobs(jobs: int | None) -> int:
+    """Recordings to decode at once: ``--jobs``, or one per CPU this process may use."""
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, jobs)
+
+
+_DONE = object()
+
+
+def detect_files(detectors: Sequence[Detector], paths: Sequence[Path], channel: int | None,
+                 block_seconds: float = 10.0) -> Iterator[tuple[Path, list[Detection] | AudioFileError]]:
+    """Every recording of ``paths`` streamed through a detector, one recording per detector at a time, each on
+    its own thread (the model and the numpy front end release the interpreter lock, so the recordings are decoded
+    side by side on separate cores).
+
+    Yields in the order of ``paths``: ``(path, detections)`` as they are found (a recording's may come in several
+    parts, so a long recording's detections appear while it is decoded), then ``(path, AudioFileError)`` for a
+    recording that cannot be read. Each recording runs alone on its stream, exactly as ``detect_samples`` would
+    run it: the detections do not depend on the other recordings or on the number of detectors.
+    """
+    from kwsd.audio.wavfile import AudioFileError, read_wav_blocks
+
+    results: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in paths]
+    order = iter(enumerate(paths))
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def work(detector: Detector) -> None:
+        while not stop.is_set():
+            with lock:
+                index, path = next(order, (-1, None))
+            if path is None:
+                return
+            out = results[index]
+            name = str(path)
+            detector.add_stream(name)
+            try:
+                for block in read_wav_blocks(path, channel, detector.sample_rate, block_seconds):
+                    detector.accept(name, block)
+                    if hits := detector.step():
+                        out.put(hits)
+                    if stop.is_set():
+                        return
+                if hits := detector.finish(name):
+                    out.put(hits)
+                out.put(_DONE)
+            except AudioFileError as exc:
+                out.put(exc)
+            except BaseException as exc:  # a fault of kwsd itself: raised in the caller's thread when it gets here
+                out.put(exc)
+            finally:
+                detector.remove_stream(name)
+
+    threads = [threading.Thread(target=work, args=(d,), name=f"kwsd-detect-{i}", daemon=True)
+               for i, d in enumerate(detectors)]
+    for t in threads:
+        t.start()
+    try:
+        for path, out in zip(paths, results, strict=True):
+            while True:
+                item = out.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, AudioFileError):
+                    yield path, item
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield path, item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def _print_detections(path: Path, hits: Sequence[Detection]) -> None:
@@ -153,6 +250,8 @@ def _print_detections(path: Path, hits: Sequence[Detection]) -> None:
 
 def posteriors(session: ModelSession, samples: np.ndarray, phase: int = 0) -> np.ndarray:
     """Token posteriors for every model frame of a whole recording at one LFR phase (look-ahead flushed)."""
+    import numpy as np
+
     from kwsd.kws.features import offline_features
 
     feats = offline_features(samples, session.contract.features, phase)
@@ -163,6 +262,9 @@ def posteriors(session: ModelSession, samples: np.ndarray, phase: int = 0) -> np
 
 
 def _positives(values: Sequence[str], known: set[str]) -> list[Positives]:
+    from kwsd.kws.evaluation import Positives
+    from kwsd.settings import ConfigError
+
     out = []
     for value in values:
         wid, sep, folder = value.partition("=")
@@ -175,6 +277,14 @@ def _positives(values: Sequence[str], known: set[str]) -> list[Positives]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from kwsd.kws.decoder import KeywordError
+    from kwsd.kws.detector import build_keywords
+    from kwsd.kws.evaluation import SHIFTS, evaluate
+    from kwsd.kws.session import ModelError
+    from kwsd.settings import ConfigError
+
     try:
         s = _load_settings(args)
         session = open_session(s)
@@ -190,7 +300,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 2
     thresholds = sorted({round(x, 2) for x in np.arange(0.05, 1.0, 0.05)} | {k.threshold for k in s.detector.keywords})
     t0 = time.perf_counter()
-    result = evaluate(session, s.detector, positives, args.negative, thresholds, SHIFTS[: args.offsets])
+    result = evaluate(session, s.detector, positives, args.negative, thresholds, SHIFTS[: args.offsets],
+                      jobs=cpu_jobs(args.jobs))
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=1, ensure_ascii=False))
     else:

@@ -32,7 +32,8 @@ from itertools import pairwise
 import numpy as np
 
 from kwsd.kws.decoder import NEAR_MISS_SETTLE, Hit, Keyword, KeywordDecoder, KeywordError, tokenize
-from kwsd.kws.features import FbankStream, LfrStacker, fbank_batch
+from kwsd.kws.fbank import FbankState
+from kwsd.kws.features import batch_fbank, lfr_ready, lfr_rows
 from kwsd.kws.session import ModelSession
 from kwsd.settings import DetectorSettings, KeywordSettings
 
@@ -90,16 +91,17 @@ class _Stream:
     name: str
     slot: int
     """Cache rows ``slot * phases .. slot * phases + phases - 1``, one per LFR phase."""
-    fbank: FbankStream
-    """The 10 ms step, once per stream."""
-    lfr: LfrStacker
-    """Splice + LFR for every phase."""
     phased: PhasedDecoder
     """One decoder per phase and the fusion of their hits."""
     start_sample: int
+    fbank: FbankState = field(default_factory=FbankState)
+    """The 10 ms step, once per stream: the samples its next fbank frame needs, and fbank frames so far."""
+    context: list[np.ndarray] = field(default_factory=list)
+    """Fbank frames ``context_start ..`` (pieces in order): what the model frames not yet run still splice."""
+    context_start: int = 0
+    taken: int = 0  # model frames (per phase) run so far
     raw: list[np.ndarray] = field(default_factory=list)  # audio accepted, features not yet extracted
-    pending: list[np.ndarray] = field(default_factory=list)  # [phases, n, dim] blocks
-    pending_frames: int = 0
+    pending_frames: int = 0  # model frames (per phase) whose fbank frames are all there, not yet run
     outputs: int = 0  # model outputs produced so far (the first ``delay`` belong to the warm-up)
     samples_in: int = 0
     flushed: bool = False
@@ -312,6 +314,8 @@ class Detector:
         if not 1 <= phases <= c.features.lfr_stride:
             raise ValueError(f"phases {phases!r} must be 1..{c.features.lfr_stride}")
         self.phases = phases
+        self._phase_list = tuple(range(phases))
+        self._fbank = batch_fbank(c.features)
         self.keywords = build_keywords(settings.keywords, c.tokens, self.frame_seconds)
         self.step_frames = max(1, settings.step_frames)
         # A stream on which no keyword is forming (no phase's search holds its first tokens in order; see
@@ -364,8 +368,6 @@ class Detector:
         self._streams[name] = _Stream(
             name=name,
             slot=slot,
-            fbank=FbankStream(fc),
-            lfr=LfrStacker(fc, tuple(range(self.phases))),
             phased=PhasedDecoder([self._new_decoder(name) for _ in range(self.phases)], fc.lfr_stride),
             start_sample=start_sample,
         )
@@ -436,12 +438,12 @@ class Detector:
 
     def _extract(self, streams: list[_Stream]) -> None:
         chunks = [s.raw[0] if len(s.raw) == 1 else np.concatenate(s.raw) for s in streams]
-        for stream, fbank in zip(streams, fbank_batch([s.fbank for s in streams], chunks), strict=True):
+        fc, phases = self.contract.features, self._phase_list
+        for stream, fbank in zip(streams, self._fbank.compute([s.fbank for s in streams], chunks), strict=True):
             stream.raw = []
-            frames = stream.lfr.accept(fbank)
-            if frames.shape[1]:
-                stream.pending.append(frames)
-                stream.pending_frames += frames.shape[1]
+            if fbank.shape[0]:
+                stream.context.append(fbank)
+                stream.pending_frames = lfr_ready(fc, phases, stream.fbank.frames) - stream.taken
 
     def _extract_all(self) -> None:
         """Features for every stream with audio accepted since the last step: one batched fbank pass per thread
@@ -472,18 +474,13 @@ class Detector:
             t0 = time.perf_counter()
             self._extract([stream])
             self.timing.features += time.perf_counter() - t0
-        tail = stream.lfr.accept(stream.fbank.flush(), final=True)
-        if tail.shape[1]:
-            stream.pending.append(tail)
-            stream.pending_frames += tail.shape[1]
-        last = tail[:, -1:] if tail.shape[1] else (stream.pending[-1][:, -1:] if stream.pending else None)
-        if last is not None:  # the model's look-ahead: repeat the last frame so every real frame is decoded
-            stream.pending.append(np.repeat(last, self.contract.delay_frames, axis=1))
-            stream.pending_frames += self.contract.delay_frames
+        frames = lfr_ready(self.contract.features, self._phase_list, stream.fbank.frames, final=True) - stream.taken
+        if stream.taken or frames > 0:  # the model's look-ahead: the last frame repeats so every real frame decodes
+            frames += self.contract.delay_frames
         stream.flushed = True
         hits = []
-        while stream.pending_frames:
-            hits.extend(self._run([stream], stream.pending_frames))
+        if frames > 0:
+            hits.extend(self._run([stream], frames, final=True))
         hits.extend(self._detections(stream, stream.phased.fuse([], None)))
         if self.near_miss_ratio:
             self._near_misses.extend(self._detections(stream, stream.phased.take_near(None), near_miss=True))
@@ -534,16 +531,39 @@ class Detector:
             return hits + self._run(longer, least + 1)
         return self._run(ready, least)
 
-    def _take(self, stream: _Stream, frames: int) -> np.ndarray:
-        data = stream.pending[0] if len(stream.pending) == 1 else np.concatenate(stream.pending, axis=1)
-        stream.pending = [data[:, frames:]] if data.shape[1] > frames else []
-        stream.pending_frames -= frames
-        return data[:, :frames]
+    def _features(self, streams: list[_Stream], frames: int, final: bool) -> np.ndarray:
+        """Model input ``[streams * phases, frames, dim]``: one gather from all the streams' fbank frames."""
+        fc = self.contract.features
+        pieces: list[np.ndarray] = []
+        bases: list[int] = []
+        ends: list[int] = []
+        offset = 0
+        for s in streams:
+            bases.append(offset - s.context_start)
+            pieces.extend(s.context)
+            offset += sum(p.shape[0] for p in s.context)
+            ends.append(offset)
+        fbank = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        taken = np.fromiter((s.taken for s in streams), dtype=np.intp, count=len(streams))
+        total = np.fromiter((s.fbank.frames for s in streams), dtype=np.intp, count=len(streams))
+        base = np.array(bases, dtype=np.intp)
+        rows = lfr_rows(fc, self._phase_list, taken, frames, total, final)
+        feats = fbank[rows + base[:, None, None, None]].reshape(len(streams) * self.phases, frames, fc.dim)
+        # Keep the fbank frames from the last model frame run on (a view of this step's gathered frames: no copy
+        # per stream): the next frames splice part of them, and a flush may repeat the last frame.
+        stride, left = fc.lfr_stride, fc.lfr_left
+        for s, b, end in zip(streams, bases, ends, strict=True):
+            s.taken += frames
+            s.pending_frames -= frames
+            keep = min(max(stride * (s.taken - 1) - left, 0), s.fbank.frames)
+            s.context = [fbank[b + keep : end]] if end > b + keep else []
+            s.context_start = keep
+        return feats
 
-    def _run(self, streams: list[_Stream], frames: int) -> list[Detection]:
+    def _run(self, streams: list[_Stream], frames: int, final: bool = False) -> list[Detection]:
         t0 = time.perf_counter()
         n_phases = self.phases
-        feats = np.concatenate([self._take(s, frames) for s in streams])  # [streams * phases, frames, dim]
+        feats = self._features(streams, frames, final)  # [streams * phases, frames, dim]
         slots = np.fromiter((s.slot for s in streams), dtype=np.intp, count=len(streams))
         first, n = int(slots[0]), len(streams)
         rows: slice | np.ndarray

@@ -120,6 +120,49 @@ def fbank_batch(streams: Sequence[FbankStream], chunks: Sequence[np.ndarray]) ->
     return streams[0]._batch.compute([s.state for s in streams], chunks)
 
 
+def lfr_rows(config: FeatureConfig, phases: tuple[int, ...], first: np.ndarray, frames: int,
+             fbank_total: np.ndarray, final: bool = False) -> np.ndarray:
+    """Which fbank frames model frames ``first .. first+frames-1`` of ``n`` streams splice, at each phase.
+
+    ``first`` and ``fbank_total`` [n] (fbank frames each stream has); returns absolute fbank frame indices
+    ``[n, len(phases), frames, left + 1 + right]``. The first fbank frame repeats on the left. ``final``: the
+    streams end here; the last fbank frame repeats on the right, and model frames past a stream's last one (the
+    model's look-ahead being flushed) repeat that last frame. Gathering these rows of the fbank frames gives the
+    model's input for a whole batch in one indexing operation.
+    """
+    stride = config.lfr_stride
+    start = stride * first[:, None, None, None]
+    if not final:
+        rows = start + _splice_pattern(stride, config.lfr_left, config.lfr_right, phases, frames)[None]
+        if int(first.min()) * stride + min(phases) >= config.lfr_left:  # no left edge: every row is there
+            return rows
+        return np.maximum(rows, 0)
+    k = first[:, None, None, None] + np.arange(frames)[None, None, :, None]
+    total = fbank_total[:, None, None, None]
+    k = np.minimum(k, (total - 1 - min(phases)) // stride)
+    rows = stride * k + np.array(phases)[None, :, None, None] + np.arange(-config.lfr_left, config.lfr_right + 1)
+    return np.clip(rows, 0, np.maximum(total - 1, 0))
+
+
+@cache
+def _splice_pattern(stride: int, left: int, right: int, phases: tuple[int, ...], frames: int) -> np.ndarray:
+    """Row offsets ``[phases, frames, left + 1 + right]`` of model frames 0 .. frames-1 (read-only)."""
+    k = np.arange(frames)[None, :, None]
+    out = stride * k + np.array(phases)[:, None, None] + np.arange(-left, right + 1)[None, None, :]
+    out.setflags(write=False)
+    return out
+
+
+def lfr_ready(config: FeatureConfig, phases: Sequence[int], fbank_total: int, final: bool = False) -> int:
+    """Model frames (per phase) that ``fbank_total`` fbank frames complete: every phase's right context is
+    there, or, ``final``, every model frame whose centre exists at the first phase."""
+    if fbank_total <= 0:
+        return 0
+    if final:
+        return (fbank_total - 1 - min(phases)) // config.lfr_stride + 1
+    return max(0, (fbank_total - 1 - config.lfr_right - max(phases)) // config.lfr_stride + 1)
+
+
 class LfrStacker:
     """Splice + LFR of one stream's fbank frames, for one or more phases at once.
 
@@ -132,7 +175,6 @@ class LfrStacker:
         if not phases or any(not 0 <= p < self.config.lfr_stride for p in phases):
             raise ValueError(f"phases {tuple(phases)!r} must be distinct values in 0..{self.config.lfr_stride - 1}")
         self.phases = tuple(phases)
-        self._phase_arr = np.array(self.phases, dtype=np.intp)
         self.reset()
 
     def reset(self) -> None:
@@ -172,32 +214,15 @@ class LfrStacker:
 
     def _emit(self, final: bool) -> np.ndarray:
         cfg = self.config
-        stride, left, right = cfg.lfr_stride, cfg.lfr_left, cfg.lfr_right
         total = self.fbank_in
-        lo, hi = min(self.phases), max(self.phases)
-        # Frame k of phase p is centred on fbank frame 3k + p and needs frames up to 3k + p + right. At the end,
-        # every k whose centre exists for some phase is emitted (missing frames repeat the last one).
-        last = (total - 1 - lo) // stride if final else (total - 1 - right - hi) // stride
-        count = last - self.frames_out + 1
+        count = lfr_ready(cfg, self.phases, total, final) - self.frames_out
         n_phases = len(self.phases)
-        if total == 0 or count <= 0:
+        if count <= 0:
             return np.empty((n_phases, 0, cfg.dim), dtype=np.float32)
+        stride, left, lo = cfg.lfr_stride, cfg.lfr_left, min(self.phases)
+        rows = lfr_rows(cfg, self.phases, np.array([self.frames_out]), count, np.array([total]), final)[0]
         ctx = self._context
-        first_centre = self.frames_out * stride
-        if first_centre + lo - left >= 0 and last * stride + hi + right < total:
-            # Every spliced window lies inside the context: for a phase, consecutive rows are contiguous, so its
-            # model frame j is the flat run starting at row (centre of frame j) - left.
-            out = np.empty((n_phases, count, cfg.dim), dtype=np.float32)
-            row_bytes = ctx.strides[0]
-            for i, p in enumerate(self.phases):
-                first_row = first_centre + p - left - self._context_start
-                out[i] = np.ndarray((count, cfg.dim), dtype=np.float32, buffer=ctx, offset=first_row * row_bytes,
-                                    strides=(stride * row_bytes, ctx.strides[1]))
-        else:  # the first frames (left edge repeated) and the flush (right edge repeated)
-            centres = (self.frames_out + np.arange(count))[None, :] * stride + self._phase_arr[:, None]
-            offsets = np.arange(-left, right + 1)
-            idx = np.clip(centres[:, :, None] + offsets, 0, total - 1) - self._context_start
-            out = ctx[idx].reshape(n_phases, count, cfg.dim)
+        out = ctx[rows - self._context_start].reshape(n_phases, count, cfg.dim)
         self.frames_out += count
         # Keep only what the next model frame of any phase can still need as left context.
         keep_from = max(self.frames_out * stride + lo - left, 0)

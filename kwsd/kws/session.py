@@ -7,6 +7,7 @@ import ctypes
 import io
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kwsd.kws.contract import (
+    EXPORTER,
     INPUT_CACHE,
     INPUT_FEATS,
     OUTPUT_CACHE,
@@ -74,15 +76,23 @@ def runtime_build() -> tuple[str, str]:
 
 
 def both_runtimes_installed() -> bool:
-    """``onnxruntime`` and ``onnxruntime-gpu`` in one environment overwrite each other's files."""
-    from importlib import metadata
+    """``onnxruntime`` and ``onnxruntime-gpu`` in one environment overwrite each other's files.
 
-    found = 0
-    for name in ("onnxruntime", "onnxruntime-gpu"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            metadata.distribution(name)
-            found += 1
-    return found == 2
+    Read from the ``*.dist-info`` folders on ``sys.path``: ``importlib.metadata`` costs every start-up 20 ms of
+    imports for the same answer.
+    """
+    found: set[str] = set()
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".dist-info"):
+                dist = name.split("-", 1)[0].lower().replace(".", "_")
+                if dist in ("onnxruntime", "onnxruntime_gpu"):
+                    found.add(dist)
+    return len(found) == 2
 
 
 def cuda_load_error() -> str | None:
@@ -183,6 +193,10 @@ class ModelSession:
             self.contract = ModelContract.from_metadata(meta, str(self.path))
         except ContractError as exc:
             raise ModelError(str(exc)) from exc
+        if self.contract.exporter != EXPORTER:
+            log.warning("model file %s was exported by %r, not by this kwsd's exporter (%r): it works, but run "
+                        "scripts/setup to export it anew (`kwsd model export --if-outdated`)",
+                        self.path, self.contract.exporter, EXPORTER)
         self._check_io()
         self.max_batch = max(1, max_batch)
         self.io_binding = self.provider != CPU
@@ -247,13 +261,31 @@ class ModelSession:
         return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
 
     def _run_split(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One batch as ``threads`` concurrent calls on consecutive slices of streams."""
+        """One batch as ``threads`` concurrent calls on consecutive slices of streams, each writing its part of
+        the outputs in place (joining the parts afterwards copied the whole posterior tensor once more)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._split - 1, thread_name_prefix="kwsd-model")
-        edges = np.linspace(0, feats.shape[0], self._split + 1).astype(int)
-        futures = [self._pool.submit(self._call, feats[a:b], cache[a:b]) for a, b in pairwise(edges[1:])]
-        parts = [self._call(feats[: edges[1]], cache[: edges[1]])] + [f.result() for f in futures]
-        return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
+        batch, frames = feats.shape[0], feats.shape[1]
+        probs = np.empty((batch, frames, len(self.contract.tokens)), dtype=np.float32)
+        new_cache = np.empty((batch, *self.contract.cache_shape), dtype=np.float32)
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        cache = np.ascontiguousarray(cache, dtype=np.float32)
+        edges = np.linspace(0, batch, self._split + 1).astype(int).tolist()
+        futures = [self._pool.submit(self._call_into, feats[a:b], cache[a:b], probs[a:b], new_cache[a:b])
+                   for a, b in pairwise(edges[1:])]
+        self._call_into(feats[: edges[1]], cache[: edges[1]], probs[: edges[1]], new_cache[: edges[1]])
+        for f in futures:
+            f.result()
+        return probs, new_cache
+
+    def _call_into(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray, new_cache: np.ndarray) -> None:
+        """One call whose outputs land in ``probs`` and ``new_cache`` (contiguous, of the outputs' shapes)."""
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(INPUT_FEATS, feats)
+        binding.bind_cpu_input(INPUT_CACHE, cache)
+        binding.bind_output(OUTPUT_PROBS, "cpu", 0, np.float32, list(probs.shape), probs.ctypes.data)
+        binding.bind_output(OUTPUT_CACHE, "cpu", 0, np.float32, list(new_cache.shape), new_cache.ctypes.data)
+        self._session.run_with_iobinding(binding)
 
     def _call(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probs, new_cache = self._session.run([OUTPUT_PROBS, OUTPUT_CACHE], {INPUT_FEATS: feats, INPUT_CACHE: cache})

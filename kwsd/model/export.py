@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kwsd import __version__
 from kwsd.audio.wavfile import AudioFileError, read_wav
-from kwsd.kws.contract import INPUT_CACHE, INPUT_FEATS, OUTPUT_CACHE, OUTPUT_PROBS, ModelContract
+from kwsd.kws.contract import EXPORTER, INPUT_CACHE, INPUT_FEATS, OUTPUT_CACHE, OUTPUT_PROBS, ModelContract
 from kwsd.kws.decoder import KeywordError, load_tokens
 from kwsd.kws.features import FeatureConfig, offline_features
 from kwsd.model import example_hint
@@ -46,10 +46,6 @@ EXPECTED_TEXT = "小云小云"
 TOLERANCE = 1e-4
 CHUNKS = (1, 7, 50)
 OPSET = 17
-GRAPH_REVISION = 2
-"""Bumped whenever :func:`build_model` writes a different graph, so set-up re-exports models written before."""
-EXPORTER = f"kwsd graph {GRAPH_REVISION}"
-"""The ``kwsd.exporter`` metadata of a model this code writes."""
 
 
 class ExportError(RuntimeError):
