@@ -77,3 +77,35 @@ def test_silence_steps_at_the_quiet_cadence(session: ModelSession) -> None:
 def test_quiet_steps_are_off_without_the_scan_or_below_step_frames(session: ModelSession) -> None:
     assert Detector(session, DetectorSettings(step_frames=3, quiet_step_frames=9), scan=False).quiet_step_frames == 3
     assert Detector(session, DetectorSettings(step_frames=4, quiet_step_frames=2)).quiet_step_frames == 4
+
+
+def test_many_quiet_streams_take_their_long_steps_in_turns(session: ModelSession,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few sites share one grid (one call per quiet step); 64 silent streams fed alike take their long steps in
+    cohorts of 8, a frame apart, so no call carries them all (a step's time stays near the average)."""
+    silence = np.zeros(BLOCK, np.float32)
+
+    def calls(n: int) -> list[int]:
+        det = Detector(session, DetectorSettings(step_frames=1, quiet_step_frames=9))
+        sizes: list[int] = []
+        run = det._run
+
+        def spy(streams, frames, final=False):  # type: ignore[no-untyped-def]
+            sizes.append(len(streams))
+            return run(streams, frames, final)
+
+        monkeypatch.setattr(det, "_run", spy)
+        for i in range(n):
+            det.add_stream(f"s{i}")
+        for _ in range(16000 * 4 // BLOCK):
+            for i in range(n):
+                det.accept(f"s{i}", silence)
+            det.step()
+        return sizes[4:]  # past the look-ahead's warm-up
+
+    few = calls(8)
+    assert set(few) == {8}, few
+    many = calls(64)
+    frames = 16000 * 4 // 480
+    assert max(many) <= 16, many
+    assert sum(many) / 64 <= frames / 9 + 2, "each stream still steps at the quiet cadence"

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 _EXTRACT_MIN = 16
 """Fewest streams per thread worth handing feature extraction to a thread of its own."""
 _NEAR_JOIN = 4
+_QUIET_COHORT = 8
+"""Streams (by cache slot) whose quiet steps share one grid."""
 """Model frames by which the phases' near misses of one utterance may end apart and still be judged together."""
 
 
@@ -490,12 +492,14 @@ class Detector:
 
     def _step_of(self, s: _Stream) -> int:
         """Frames the stream must have pending for its next step: ``step_frames`` while a keyword may be forming
-        or a hit is held; else up to the next multiple of ``quiet_step_frames`` of its outputs, so quiet streams
-        that began together step together (one batched call, not one wake-up each)."""
+        or a hit is held; else up to its next point on a grid of ``quiet_step_frames`` of its outputs, so quiet
+        streams that began together step together (one batched call, not one wake-up each). Each cohort of
+        ``_QUIET_COHORT`` slots has its grid shifted by one frame from the last, so that many quiet streams do
+        not all take their long step at once (a few sites share one grid)."""
         if s.forming or not s.phased.idle:
             return self.step_frames
         q = self.quiet_step_frames
-        return q - s.outputs % q
+        return q - (s.outputs + s.slot // _QUIET_COHORT) % q
 
     def step(self) -> list[Detection]:
         """Run every stream with at least its step's frames pending (``step_frames``, or ``quiet_step_frames``
