@@ -43,7 +43,7 @@ _EXTRACT_MIN = 16
 """Fewest streams per thread worth handing feature extraction to a thread of its own."""
 _NEAR_JOIN = 4
 _QUIET_COHORT = 8
-"""Streams (by cache slot) whose quiet steps share one grid."""
+"""Fewest streams (by cache slot) whose quiet steps share one grid."""
 """Model frames by which the phases' near misses of one utterance may end apart and still be judged together."""
 
 
@@ -334,6 +334,7 @@ class Detector:
         self._cache = session.new_cache(0)
         self._free: list[int] = []
         self._slots = 0
+        self._cohort = _QUIET_COHORT  # slots per quiet grid: the slots spread over at most quiet_step_frames grids
         self.timing = StepTiming()
         self.scan = scan
         self.threads = session.threads if threads is None else max(1, threads)
@@ -364,6 +365,7 @@ class Detector:
             self._free = list(range(self._slots + grow - 1, self._slots - 1, -1))
             self._cache = np.concatenate([self._cache, self.session.new_cache(grow * self.phases)])
             self._slots += grow
+            self._cohort = max(_QUIET_COHORT, -(-self._slots // max(1, self.quiet_step_frames)))
         slot = self._free.pop()
         self._cache[slot * self.phases : (slot + 1) * self.phases] = 0.0
         fc = self.contract.features
@@ -493,13 +495,14 @@ class Detector:
     def _step_of(self, s: _Stream) -> int:
         """Frames the stream must have pending for its next step: ``step_frames`` while a keyword may be forming
         or a hit is held; else up to its next point on a grid of ``quiet_step_frames`` of its outputs, so quiet
-        streams that began together step together (one batched call, not one wake-up each). Each cohort of
-        ``_QUIET_COHORT`` slots has its grid shifted by one frame from the last, so that many quiet streams do
-        not all take their long step at once (a few sites share one grid)."""
-        if s.forming or not s.phased.idle:
-            return self.step_frames
+        streams that began together step together (one batched call, not one wake-up each). Each cohort of slots
+        (``_QUIET_COHORT``, more once the slots outnumber that on every one of the ``quiet_step_frames`` grids)
+        has its grid a frame after the last one's, so that many quiet streams take their long steps in turns,
+        each step carrying about the same work (a few sites share one grid)."""
         q = self.quiet_step_frames
-        return q - (s.outputs + s.slot // _QUIET_COHORT) % q
+        if q <= self.step_frames or s.forming or not s.phased.idle:
+            return self.step_frames
+        return q - (s.outputs + s.slot // self._cohort) % q
 
     def step(self) -> list[Detection]:
         """Run every stream with at least its step's frames pending (``step_frames``, or ``quiet_step_frames``
@@ -513,19 +516,25 @@ class Detector:
         """
         self._extract_all()
         hits: list[Detection] = []
+        step, q, cohort = self.step_frames, self.quiet_step_frames, self._cohort
         while True:
-            steps = [(s, self._step_of(s)) for s in self._streams.values()]
-            ready = [s for s, n in steps if s.pending_frames >= n]
-            if not ready:
-                return hits
-            if self.quiet_step_frames > self.step_frames:
-                hot = [s for s, n in steps if (s.forming or not s.phased.idle) and s.pending_frames >= n]
-                quiet = [s for s in ready if s not in hot]
-                for group in (hot, quiet):
-                    if group:
-                        hits.extend(self._run_ready(group))
+            if q > step:  # one pass sorts the ready streams into forming (hot) and quiet ones
+                hot: list[_Stream] = []
+                quiet: list[_Stream] = []
+                for s in self._streams.values():
+                    if s.forming or not s.phased.idle:
+                        if s.pending_frames >= step:
+                            hot.append(s)
+                    elif s.pending_frames >= q - (s.outputs + s.slot // cohort) % q:
+                        quiet.append(s)
+                groups = [g for g in (hot, quiet) if g]
             else:
-                hits.extend(self._run_ready(ready))
+                ready = [s for s in self._streams.values() if s.pending_frames >= step]
+                groups = [ready] if ready else []
+            if not groups:
+                return hits
+            for group in groups:
+                hits.extend(self._run_ready(group))
 
     def _run_ready(self, ready: list[_Stream]) -> list[Detection]:
         least = min(s.pending_frames for s in ready)
