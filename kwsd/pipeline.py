@@ -231,7 +231,7 @@ class Pipeline:
             now = time.monotonic()
             if now - last_slow >= 1.0:
                 last_slow = now
-                self.hub.expire_idle()
+                self.expire_idle()
                 if self.audio_seconds > 0:
                     self.metrics.set_real_time_factor(self.busy_seconds / self.audio_seconds)
                 self.metrics.set_streams(len(self.sites))
@@ -327,6 +327,20 @@ class Pipeline:
                 self._finish(site)
         self._count_rejections()
         return got_audio
+
+    def expire_idle(self) -> None:
+        """Drop the remote sites the hub found idle (``idle_timeout``), each decoded to its last frame first: the
+        model's look-ahead after the last audio, so a keyword said just before the remote end fell silent fires."""
+        expired = self.hub.expire_idle()
+        if not expired:
+            return
+        with self._lock:
+            for site in expired:
+                if site in self.sites:
+                    for hit in self.parts.detector.finish(site):
+                        self._wake(hit)
+                    self._near_misses()
+                    self._drop(site)
 
     def _finish(self, site: str) -> None:
         """A closed remote site: decode the rest of its audio (the model's look-ahead included), hand on the last

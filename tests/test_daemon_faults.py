@@ -495,3 +495,28 @@ def test_a_closed_remote_site_is_decoded_to_its_end(model_path: Path, positive: 
     assert hub.remote_sites() == ["probe"] and "hall" not in pipeline.sites
     again = hub.remote("hall", "wyoming")  # the site can come back at once, as a new stream
     assert again is not remote and again.ring.end == 0
+
+
+def test_a_remote_site_dropped_as_idle_is_decoded_to_its_last_frame(model_path: Path, positive: np.ndarray) -> None:
+    """A satellite that falls silent right after the keyword (before the model's look-ahead has seen its end)
+    still wakes: the idle site is finished, not just dropped."""
+    clock = FakeClock()
+    limits = RemoteLimits(idle_timeout=5.0, buffer_seconds=30.0, max_speed=1e6)
+    hub, pipeline, sink = _pipeline(model_path, limits, clock)
+    probe = hub.remote("probe", "test")
+    probe.write(positive, RATE)
+    pipeline.run_once()
+    [heard] = sink.wakes
+    probe.close()
+    pipeline.run_once()
+    cut = int((heard.end + 0.05) * RATE)  # the keyword has ended; the look-ahead has not yet seen it
+    sink.wakes.clear()
+    hub.remote("hall", "test").write(positive[:cut], RATE)
+    pipeline.run_once()
+    assert sink.wakes == []
+    clock.now += limits.idle_timeout + 1.0
+    pipeline.expire_idle()
+    assert [w.site_id for w in sink.wakes] == ["hall"]
+    assert hub.remote_sites() == [] and "hall" not in pipeline.sites
+    pipeline.run_once()
+    assert pipeline.sites == {} and len(sink.wakes) == 1
