@@ -337,10 +337,14 @@ class Pipeline:
         with self._lock:
             for site in expired:
                 if site in self.sites:
-                    for hit in self.parts.detector.finish(site):
-                        self._wake(hit)
-                    self._near_misses()
+                    self._finish_stream(site)
                     self._drop(site)
+
+    def _finish_stream(self, site: str) -> None:
+        """Decode a site's last frames (the model's look-ahead included) and hand on what they complete."""
+        for hit in self.parts.detector.finish(site):
+            self._wake(hit)
+        self._near_misses()
 
     def _finish(self, site: str) -> None:
         """A closed remote site: decode the rest of its audio (the model's look-ahead included), hand on the last
@@ -351,9 +355,7 @@ class Pipeline:
             samples, first = np.zeros(0, dtype=np.int16), 0
         if samples.size:
             self._feed(self.sites[site], samples, first)
-        for hit in self.parts.detector.finish(site):
-            self._wake(hit)
-        self._near_misses()
+        self._finish_stream(site)
         done = self.hub.finish_remote(site)
         self._drop(site)
         if done is not None:

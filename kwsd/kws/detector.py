@@ -412,7 +412,7 @@ class Detector:
     def samples_needed(self, name: str) -> int:
         """Samples the stream must still receive before :meth:`step` can run its next model step (0: it can now)."""
         stream = self._streams[name]
-        frames = stream.outputs + self._step_of(stream)
+        frames = stream.outputs + self._due(stream)[1]
         return max(0, self.contract.features.samples_for(frames, self.phases - 1) - stream.samples_in)
 
     def rejected(self, name: str) -> dict[str, int]:
@@ -492,17 +492,17 @@ class Detector:
 
     # -- inference ------------------------------------------------------------------------------------------
 
-    def _step_of(self, s: _Stream) -> int:
-        """Frames the stream must have pending for its next step: ``step_frames`` while a keyword may be forming
-        or a hit is held; else up to its next point on a grid of ``quiet_step_frames`` of its outputs, so quiet
-        streams that began together step together (one batched call, not one wake-up each). Each cohort of slots
-        (``_QUIET_COHORT``, more once the slots outnumber that on every one of the ``quiet_step_frames`` grids)
-        has its grid a frame after the last one's, so that many quiet streams take their long steps in turns,
-        each step carrying about the same work (a few sites share one grid)."""
+    def _due(self, s: _Stream) -> tuple[bool, int]:
+        """(hot, frames): whether the stream steps at ``step_frames`` (a keyword may be forming on it, a hit is
+        held, or quiet steps are off), and the frames it must have pending for its next step. A quiet stream steps
+        at its next point on a grid of ``quiet_step_frames`` of its outputs, so quiet streams that began together
+        step together (one batched call, not one wake-up each). Each cohort of slots (``_QUIET_COHORT``, more once
+        the slots outnumber that on every one of the ``quiet_step_frames`` grids) has its grid a frame after the
+        last one's, so many quiet streams take their long steps in turns (a few sites share one grid)."""
         q = self.quiet_step_frames
         if q <= self.step_frames or s.forming or not s.phased.idle:
-            return self.step_frames
-        return q - (s.outputs + s.slot // self._cohort) % q
+            return True, self.step_frames
+        return False, q - (s.outputs + s.slot // self._cohort) % q
 
     def step(self) -> list[Detection]:
         """Run every stream with at least its step's frames pending (``step_frames``, or ``quiet_step_frames``
@@ -516,25 +516,17 @@ class Detector:
         """
         self._extract_all()
         hits: list[Detection] = []
-        step, q, cohort = self.step_frames, self.quiet_step_frames, self._cohort
         while True:
-            if q > step:  # one pass sorts the ready streams into forming (hot) and quiet ones
-                hot: list[_Stream] = []
-                quiet: list[_Stream] = []
-                for s in self._streams.values():
-                    if s.forming or not s.phased.idle:
-                        if s.pending_frames >= step:
-                            hot.append(s)
-                    elif s.pending_frames >= q - (s.outputs + s.slot // cohort) % q:
-                        quiet.append(s)
-                groups = [g for g in (hot, quiet) if g]
-            else:
-                ready = [s for s in self._streams.values() if s.pending_frames >= step]
-                groups = [ready] if ready else []
-            if not groups:
+            groups: tuple[list[_Stream], list[_Stream]] = ([], [])  # forming (hot) streams, quiet ones
+            for s in self._streams.values():
+                hot, frames = self._due(s)
+                if s.pending_frames >= frames:
+                    groups[0 if hot else 1].append(s)
+            if not groups[0] and not groups[1]:
                 return hits
             for group in groups:
-                hits.extend(self._run_ready(group))
+                if group:
+                    hits.extend(self._run_ready(group))
 
     def _run_ready(self, ready: list[_Stream]) -> list[Detection]:
         least = min(s.pending_frames for s in ready)

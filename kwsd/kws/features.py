@@ -4,7 +4,7 @@ Two steps, so either can be replaced on its own:
 
 1. The 10 ms step: Kaldi fbank (80 mel bins, 25 ms window, 10 ms shift, hamming, int16-scale samples, no dither;
    equal to kaldi-native-fbank), one frame per 10 ms (:class:`FbankStream`), computed for many streams in one
-   vectorised pass (:func:`fbank_batch`, :mod:`kwsd.kws.fbank`).
+   vectorised pass (:class:`kwsd.kws.fbank.BatchFbank`).
 2. Splice + LFR per phase (:class:`LfrStacker`): model frame ``k`` of phase ``p`` splices fbank frames
    ``3k+p-2 .. 3k+p+2`` (the first fbank frame is repeated on the left at the start; the last one on the right
    when the stream ends), so one model frame covers 30 ms. The model was trained on phase 0 of every utterance;
@@ -110,14 +110,6 @@ class FbankStream:
 def batch_fbank(config: FeatureConfig) -> BatchFbank:
     """The fbank extractor every stream with ``config`` shares (it holds only constants)."""
     return BatchFbank.from_config(config)
-
-
-def fbank_batch(streams: Sequence[FbankStream], chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """:meth:`FbankStream.accept` for many streams (of one config) at once, in one vectorised pass; the same
-    frames as accepting each chunk alone."""
-    if not streams:
-        return []
-    return streams[0]._batch.compute([s.state for s in streams], chunks)
 
 
 def lfr_rows(config: FeatureConfig, phases: tuple[int, ...], first: np.ndarray, frames: int,
