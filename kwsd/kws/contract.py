@@ -16,7 +16,7 @@ from typing import Any
 from kwsd.kws.features import FeatureConfig
 
 FORMAT = "kwsd-fsmn-ctc-stream/1"
-GRAPH_REVISION = 2
+GRAPH_REVISION = 3
 """Bumped whenever the exporter writes a different graph, so set-up re-exports models written before."""
 EXPORTER = f"kwsd graph {GRAPH_REVISION}"
 """The ``kwsd.exporter`` metadata of a model this kwsd's exporter writes."""

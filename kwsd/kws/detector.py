@@ -332,6 +332,7 @@ class Detector:
             for site, t in settings.site_thresholds.items()}
         self._streams: dict[str, _Stream] = {}
         self._cache = session.new_cache(0)
+        self._probs = np.empty(0, dtype=np.float32)
         self._free: list[int] = []
         self._slots = 0
         self._cohort = _QUIET_COHORT  # slots per quiet grid: the slots spread over at most quiet_step_frames grids
@@ -577,8 +578,13 @@ class Detector:
         else:
             rows = (slots[:, None] * n_phases + np.arange(n_phases)).ravel()
         t1 = time.perf_counter()
-        probs, cache = self.session.run(feats, self._cache[rows])
-        self._cache[rows] = cache
+        probs = self._posteriors(feats.shape[0], frames)
+        if isinstance(rows, slice):  # the model writes the new cache rows over the old ones
+            self.session.update(feats, self._cache[rows], probs)
+        else:
+            cache = self._cache[rows]
+            self.session.update(feats, cache, probs)
+            self._cache[rows] = cache
         t2 = time.perf_counter()
         delay = self.contract.delay_frames
         hits: list[Detection] = []
@@ -621,6 +627,14 @@ class Detector:
         self.timing.steps += 1
         self.timing.frames += frames * len(streams)
         return hits
+
+    def _posteriors(self, rows: int, frames: int) -> np.ndarray:
+        """This step's posterior buffer ``[rows, frames, tokens]``: one buffer reused by every step (the decoders
+        copy what they keep), so a big batch does not map fresh pages for its posteriors each step."""
+        size = rows * frames * len(self.contract.tokens)
+        if self._probs.size < size:
+            self._probs = np.empty(max(size, 2 * self._probs.size), dtype=np.float32)
+        return self._probs[:size].reshape(rows, frames, len(self.contract.tokens))
 
     def _detections(self, s: _Stream, fused: list[PhaseHit], near_miss: bool = False) -> list[Detection]:
         stride = self.contract.features.lfr_stride

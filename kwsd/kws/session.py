@@ -260,22 +260,52 @@ class ModelSession:
                  for i in range(0, feats.shape[0], self.max_batch)]
         return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
 
-    def _run_split(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def update(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
+        """Posteriors ``[B, T, tokens]`` for ``feats [B, T, dim]``; the new cache is written over ``cache``.
+
+        ``cache`` is C-contiguous float32 ``[B, *cache_shape]`` (e.g. consecutive rows of the caller's cache
+        array), ``probs`` an optional C-contiguous float32 buffer of the posteriors' shape to write them into. On
+        the CPU the model writes both outputs in place: the graph reads its whole cache input before it writes its
+        cache output (the first node reads it, the last writes it), so neither a new cache nor a copy back is made.
+        """
+        batch, frames = feats.shape[0], feats.shape[1]
+        if not (cache.flags.c_contiguous and cache.dtype == np.float32):
+            raise ValueError("the cache to update must be C-contiguous float32")
+        if probs is None:
+            probs = np.empty((batch, frames, len(self.contract.tokens)), dtype=np.float32)
+        if self.io_binding:  # a GPU: the outputs come back through the binding, then into place
+            p, c = self._run_bound(feats, cache)
+            probs[...] = p
+            cache[...] = c
+            return probs
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        for a in range(0, batch, self.max_batch):
+            b = min(batch, a + self.max_batch)
+            if self._split > 1 and b - a >= _SPLIT_MIN * self._split:
+                self._call_split(feats[a:b], cache[a:b], probs[a:b], cache[a:b])
+            else:
+                self._call_into(feats[a:b], cache[a:b], probs[a:b], cache[a:b])
+        return probs
+
+    def _call_split(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray, new_cache: np.ndarray) -> None:
         """One batch as ``threads`` concurrent calls on consecutive slices of streams, each writing its part of
-        the outputs in place (joining the parts afterwards copied the whole posterior tensor once more)."""
+        the outputs in place."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._split - 1, thread_name_prefix="kwsd-model")
-        batch, frames = feats.shape[0], feats.shape[1]
-        probs = np.empty((batch, frames, len(self.contract.tokens)), dtype=np.float32)
-        new_cache = np.empty((batch, *self.contract.cache_shape), dtype=np.float32)
-        feats = np.ascontiguousarray(feats, dtype=np.float32)
-        cache = np.ascontiguousarray(cache, dtype=np.float32)
-        edges = np.linspace(0, batch, self._split + 1).astype(int).tolist()
+        edges = np.linspace(0, feats.shape[0], self._split + 1).astype(int).tolist()
         futures = [self._pool.submit(self._call_into, feats[a:b], cache[a:b], probs[a:b], new_cache[a:b])
                    for a, b in pairwise(edges[1:])]
         self._call_into(feats[: edges[1]], cache[: edges[1]], probs[: edges[1]], new_cache[: edges[1]])
         for f in futures:
             f.result()
+
+    def _run_split(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`run` as concurrent calls (:meth:`_call_split`) into new outputs."""
+        batch, frames = feats.shape[0], feats.shape[1]
+        probs = np.empty((batch, frames, len(self.contract.tokens)), dtype=np.float32)
+        new_cache = np.empty((batch, *self.contract.cache_shape), dtype=np.float32)
+        self._call_split(np.ascontiguousarray(feats, dtype=np.float32), np.ascontiguousarray(cache, dtype=np.float32),
+                         probs, new_cache)
         return probs, new_cache
 
     def _call_into(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray, new_cache: np.ndarray) -> None:

@@ -99,6 +99,11 @@ def fsmn_context(comp: Component) -> tuple[int, int]:
     )
 
 
+def _folds_bias(comp: Component, after: Component) -> bool:
+    """Whether ``comp`` is the affine layer right before the softmax, whose bias the layer before it supplies."""
+    return comp.kind == "AffineTransform" and after.kind == "Softmax"
+
+
 def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarray, contract: ModelContract
                 ) -> onnx.ModelProto:
     fsmn = [c for c in components if c.kind == "Fsmn"]
@@ -150,6 +155,17 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
             if i == 0:  # fold (x + shift) * scale into the first affine layer
                 b = b + w @ (shift.astype(np.float64) * scale)
                 w = w * scale.astype(np.float64)[None, :]
+            if i + 2 < len(components) and _folds_bias(components[i + 1], components[i + 2]):
+                # The next layer (the widest, before the softmax) takes its bias as one more input column: this
+                # layer's output gets a constant 1 (a zero weight row, a bias of 1), the next one's weights the bias
+                # as their last column. It spares an addition pass over every frame's 2599 outputs.
+                w = np.concatenate([w, np.zeros((1, w.shape[1]))])
+                b = np.concatenate([b, [1.0]])
+            elif (i > 0 and components[i - 1].kind == "AffineTransform" and i + 1 < len(components)
+                  and _folds_bias(comp, components[i + 1])):
+                w = np.concatenate([w, b[:, None]], axis=1)
+                x = node("MatMul", [x, const("w", w.T.astype(np.float32))])
+                continue
             x = node("MatMul", [x, const("w", w.T.astype(np.float32))])
             x = node("Add", [x, const("b", b.astype(np.float32))])
         elif comp.kind == "LinearTransform":
