@@ -15,16 +15,29 @@ from typing import Any
 
 from kwsd.kws.features import FeatureConfig
 
-FORMAT = "kwsd-fsmn-ctc-stream/1"
-GRAPH_REVISION = 3
+FORMAT = "kwsd-fsmn-ctc-stream/2"
+"""Version of the streaming interface (2: one cache input and output per Fsmn layer)."""
+GRAPH_REVISION = 4
 """Bumped whenever the exporter writes a different graph, so set-up re-exports models written before."""
 EXPORTER = f"kwsd graph {GRAPH_REVISION}"
 """The ``kwsd.exporter`` metadata of a model this kwsd's exporter writes."""
 
 INPUT_FEATS = "feats"
 INPUT_CACHE = "cache"
+"""Prefix of the per-layer cache inputs ``cache0``, ``cache1``, ..."""
 OUTPUT_PROBS = "probs"
 OUTPUT_CACHE = "cache_out"
+"""Prefix of the per-layer cache outputs ``cache_out0``, ..."""
+
+
+def cache_inputs(layers: int) -> list[str]:
+    """The names of the cache inputs of a model with ``layers`` Fsmn layers."""
+    return [f"{INPUT_CACHE}{i}" for i in range(layers)]
+
+
+def cache_outputs(layers: int) -> list[str]:
+    """The names of the cache outputs of a model with ``layers`` Fsmn layers."""
+    return [f"{OUTPUT_CACHE}{i}" for i in range(layers)]
 
 
 class ContractError(ValueError):
@@ -41,7 +54,8 @@ class ModelContract:
     tokens: tuple[str, ...]
     blank_id: int
     cache_shape: tuple[int, ...]
-    """Per-stream state shape (layers, channels, frames); the ONNX cache input is ``[batch, *cache_shape]``."""
+    """Per-stream state shape (layers, channels, frames); cache input ``cache<i>`` of layer i is ``[batch, channels,
+    frames]``, its output ``cache_out<i>`` the same."""
     delay_frames: int
     """Output frame ``t`` belongs to input frame ``t - delay_frames`` (the model's look-ahead)."""
     source: str
@@ -75,7 +89,8 @@ class ModelContract:
 
         fmt = get("kwsd.format")
         if fmt != FORMAT:
-            raise ContractError(f"{name}: model format {fmt!r} is not supported (expected {FORMAT!r})")
+            raise ContractError(f"{name}: model format {fmt!r} is not supported (expected {FORMAT!r}); export the "
+                                "model anew: scripts/setup, or `kwsd model export`")
         try:
             features = FeatureConfig(**json.loads(get("kwsd.features")))
             tokens = tuple(json.loads(get("kwsd.tokens")))
@@ -104,12 +119,16 @@ Shape = Sequence[int | str | None]
 def check_interface(contract: ModelContract, inputs: Mapping[str, Shape], outputs: Collection[str],
                     name: str = "model") -> None:
     """The graph's inputs and outputs are the streaming interface ``contract`` describes."""
-    if set(inputs) != {INPUT_FEATS, INPUT_CACHE} or not {OUTPUT_PROBS, OUTPUT_CACHE} <= set(outputs):
+    layers = contract.cache_shape[0] if contract.cache_shape else 0
+    caches = cache_inputs(layers)
+    if set(inputs) != {INPUT_FEATS, *caches} or not {OUTPUT_PROBS, *cache_outputs(layers)} <= set(outputs):
         raise ContractError(f"{name}: inputs {sorted(inputs)} / outputs {sorted(outputs)} are not the streaming "
                             f"keyword-spotter interface")
-    cache = list(inputs[INPUT_CACHE][1:])
-    if cache != list(contract.cache_shape):
-        raise ContractError(f"{name}: cache input {cache} disagrees with its metadata {contract.cache_shape}")
+    for cache_name in caches:
+        cache = list(inputs[cache_name][1:])
+        if cache != list(contract.cache_shape[1:]):
+            raise ContractError(f"{name}: cache input {cache_name} {cache} disagrees with its metadata "
+                                f"{contract.cache_shape}")
     feats = list(inputs[INPUT_FEATS])
     if not feats or feats[-1] != contract.features.dim:
         raise ContractError(f"{name}: feature input {feats} disagrees with its metadata "

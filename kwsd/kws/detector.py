@@ -331,7 +331,7 @@ class Detector:
             site: [dataclasses.replace(kw, threshold=t) for kw in self.keywords]
             for site, t in settings.site_thresholds.items()}
         self._streams: dict[str, _Stream] = {}
-        self._cache = session.new_cache(0)
+        self._cache = session.new_layer_cache(0)  # [layers, slots * phases, ...]: each layer's rows contiguous
         self._probs = np.empty(0, dtype=np.float32)
         self._free: list[int] = []
         self._slots = 0
@@ -364,11 +364,11 @@ class Detector:
         if not self._free:
             grow = max(16, self._slots)
             self._free = list(range(self._slots + grow - 1, self._slots - 1, -1))
-            self._cache = np.concatenate([self._cache, self.session.new_cache(grow * self.phases)])
+            self._cache = np.concatenate([self._cache, self.session.new_layer_cache(grow * self.phases)], axis=1)
             self._slots += grow
             self._cohort = max(_QUIET_COHORT, -(-self._slots // max(1, self.quiet_step_frames)))
         slot = self._free.pop()
-        self._cache[slot * self.phases : (slot + 1) * self.phases] = 0.0
+        self._cache[:, slot * self.phases : (slot + 1) * self.phases] = 0.0
         fc = self.contract.features
         self._streams[name] = _Stream(
             name=name,
@@ -580,11 +580,11 @@ class Detector:
         t1 = time.perf_counter()
         probs = self._posteriors(feats.shape[0], frames)
         if isinstance(rows, slice):  # the model writes the new cache rows over the old ones
-            self.session.update(feats, self._cache[rows], probs)
+            self.session.update(feats, self._cache[:, rows], probs)
         else:
-            cache = self._cache[rows]
+            cache = self._cache.take(rows, axis=1)  # C-contiguous (a mixed slice + index view need not be)
             self.session.update(feats, cache, probs)
-            self._cache[rows] = cache
+            self._cache[:, rows] = cache
         t2 = time.perf_counter()
         delay = self.contract.delay_frames
         hits: list[Detection] = []

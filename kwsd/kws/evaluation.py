@@ -52,14 +52,14 @@ def keyword_columns(session: ModelSession, blocks: Iterable[np.ndarray], templat
     fbank = FbankStream(fc)
     lfr = LfrStacker(fc, tuple(range(phases)))
     delay = session.contract.delay_frames
-    cache = session.new_cache(phases)
+    cache = session.new_layer_cache(phases)
     outputs = 0
     pending: list[np.ndarray] = []
     pending_frames = 0
 
     def run(feats: np.ndarray) -> tuple[int, np.ndarray] | None:
-        nonlocal cache, outputs
-        probs, cache = session.run(feats, cache)
+        nonlocal outputs
+        probs = session.update(feats, cache)
         first = outputs - delay
         outputs += feats.shape[1]
         if first < 0:  # outputs before the first frame: the look-ahead warming up

@@ -19,12 +19,12 @@ import numpy as np
 
 from kwsd.kws.contract import (
     EXPORTER,
-    INPUT_CACHE,
     INPUT_FEATS,
-    OUTPUT_CACHE,
     OUTPUT_PROBS,
     ContractError,
     ModelContract,
+    cache_inputs,
+    cache_outputs,
     check_interface,
 )
 
@@ -198,6 +198,8 @@ class ModelSession:
                         "scripts/setup to export it anew (`kwsd model export --if-outdated`)",
                         self.path, self.contract.exporter, EXPORTER)
         self._check_io()
+        self._cache_in = cache_inputs(self.contract.cache_shape[0])
+        self._cache_out = cache_outputs(self.contract.cache_shape[0])
         self.max_batch = max(1, max_batch)
         self.io_binding = self.provider != CPU
         self._pool: ThreadPoolExecutor | None = None
@@ -245,81 +247,67 @@ class ModelSession:
             raise ModelError(str(exc)) from exc
 
     def new_cache(self, batch: int = 1) -> np.ndarray:
+        """A zero cache ``[batch, layers, channels, frames]`` for :meth:`run`."""
         return np.zeros((batch, *self.contract.cache_shape), dtype=np.float32)
 
+    def new_layer_cache(self, batch: int = 1) -> np.ndarray:
+        """A zero cache ``[layers, batch, channels, frames]`` (one block per layer) for :meth:`update`."""
+        layers, *rest = self.contract.cache_shape
+        return np.zeros((layers, batch, *rest), dtype=np.float32)
+
     def run(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Posteriors ``[B, T, tokens]`` and the new cache for ``feats [B, T, dim]`` and ``cache [B, ...]``."""
-        batch = feats.shape[0]
-        if batch <= self.max_batch:
-            if self._split > 1 and batch >= _SPLIT_MIN * self._split:
-                return self._run_split(feats, cache)
-            if self.io_binding:
-                return self._run_bound(feats, cache)
-            return self._call(feats, cache)
-        parts = [self.run(feats[i : i + self.max_batch], cache[i : i + self.max_batch])
-                 for i in range(0, feats.shape[0], self.max_batch)]
-        return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
+        """Posteriors ``[B, T, tokens]`` and the new cache for ``feats [B, T, dim]`` and ``cache [B, layers, ...]``
+        (left as it was); :meth:`update` is the in-place call the detector makes."""
+        layered = np.swapaxes(cache, 0, 1).astype(np.float32, order="C", copy=True)
+        probs = self.update(feats, layered)
+        return probs, np.swapaxes(layered, 0, 1)
 
     def update(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
         """Posteriors ``[B, T, tokens]`` for ``feats [B, T, dim]``; the new cache is written over ``cache``.
 
-        ``cache`` is C-contiguous float32 ``[B, *cache_shape]`` (e.g. consecutive rows of the caller's cache
-        array), ``probs`` an optional C-contiguous float32 buffer of the posteriors' shape to write them into. On
-        the CPU the model writes both outputs in place: the graph reads its whole cache input before it writes its
-        cache output (the first node reads it, the last writes it), so neither a new cache nor a copy back is made.
+        ``cache`` is float32 ``[layers, B, channels, frames]`` whose every layer ``cache[i]`` is C-contiguous
+        (e.g. a slice of consecutive streams of a layer-major cache array); ``probs`` an optional C-contiguous
+        float32 buffer of the posteriors' shape to write them into. On the CPU the model writes every output in
+        place: each layer reads its cache input before it writes its cache output, so no new cache is allocated
+        and nothing is copied back.
         """
         batch, frames = feats.shape[0], feats.shape[1]
-        if not (cache.flags.c_contiguous and cache.dtype == np.float32):
-            raise ValueError("the cache to update must be C-contiguous float32")
+        if cache.dtype != np.float32 or not all(layer.flags.c_contiguous for layer in cache):
+            raise ValueError("the cache to update must be float32 with every layer C-contiguous")
         if probs is None:
             probs = np.empty((batch, frames, len(self.contract.tokens)), dtype=np.float32)
-        if self.io_binding:  # a GPU: the outputs come back through the binding, then into place
-            p, c = self._run_bound(feats, cache)
-            probs[...] = p
-            cache[...] = c
-            return probs
         feats = np.ascontiguousarray(feats, dtype=np.float32)
         for a in range(0, batch, self.max_batch):
             b = min(batch, a + self.max_batch)
-            if self._split > 1 and b - a >= _SPLIT_MIN * self._split:
-                self._call_split(feats[a:b], cache[a:b], probs[a:b], cache[a:b])
+            if self.io_binding:  # a GPU: the outputs come back through the binding, then into place
+                self._run_bound(feats[a:b], cache[:, a:b], probs[a:b])
+            elif self._split > 1 and b - a >= _SPLIT_MIN * self._split:
+                self._call_split(feats[a:b], cache[:, a:b], probs[a:b])
             else:
-                self._call_into(feats[a:b], cache[a:b], probs[a:b], cache[a:b])
+                self._call_into(feats[a:b], cache[:, a:b], probs[a:b])
         return probs
 
-    def _call_split(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray, new_cache: np.ndarray) -> None:
-        """One batch as ``threads`` concurrent calls on consecutive slices of streams, each writing its part of
-        the outputs in place."""
+    def _call_split(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray) -> None:
+        """One batch as ``threads`` concurrent calls on consecutive slices of streams (each releases the
+        interpreter lock), each writing its part of the outputs in place."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._split - 1, thread_name_prefix="kwsd-model")
         edges = np.linspace(0, feats.shape[0], self._split + 1).astype(int).tolist()
-        futures = [self._pool.submit(self._call_into, feats[a:b], cache[a:b], probs[a:b], new_cache[a:b])
+        futures = [self._pool.submit(self._call_into, feats[a:b], cache[:, a:b], probs[a:b])
                    for a, b in pairwise(edges[1:])]
-        self._call_into(feats[: edges[1]], cache[: edges[1]], probs[: edges[1]], new_cache[: edges[1]])
+        self._call_into(feats[: edges[1]], cache[:, : edges[1]], probs[: edges[1]])
         for f in futures:
             f.result()
 
-    def _run_split(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`run` as concurrent calls (:meth:`_call_split`) into new outputs."""
-        batch, frames = feats.shape[0], feats.shape[1]
-        probs = np.empty((batch, frames, len(self.contract.tokens)), dtype=np.float32)
-        new_cache = np.empty((batch, *self.contract.cache_shape), dtype=np.float32)
-        self._call_split(np.ascontiguousarray(feats, dtype=np.float32), np.ascontiguousarray(cache, dtype=np.float32),
-                         probs, new_cache)
-        return probs, new_cache
-
-    def _call_into(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray, new_cache: np.ndarray) -> None:
-        """One call whose outputs land in ``probs`` and ``new_cache`` (contiguous, of the outputs' shapes)."""
+    def _call_into(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray) -> None:
+        """One call whose outputs land in ``probs`` and over ``cache`` (per layer C-contiguous)."""
         binding = self._session.io_binding()
         binding.bind_cpu_input(INPUT_FEATS, feats)
-        binding.bind_cpu_input(INPUT_CACHE, cache)
+        for layer, name_in, name_out in zip(cache, self._cache_in, self._cache_out, strict=True):
+            binding.bind_cpu_input(name_in, layer)
+            binding.bind_output(name_out, "cpu", 0, np.float32, list(layer.shape), layer.ctypes.data)
         binding.bind_output(OUTPUT_PROBS, "cpu", 0, np.float32, list(probs.shape), probs.ctypes.data)
-        binding.bind_output(OUTPUT_CACHE, "cpu", 0, np.float32, list(new_cache.shape), new_cache.ctypes.data)
         self._session.run_with_iobinding(binding)
-
-    def _call(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probs, new_cache = self._session.run([OUTPUT_PROBS, OUTPUT_CACHE], {INPUT_FEATS: feats, INPUT_CACHE: cache})
-        return probs, new_cache
 
     def close(self) -> None:
         """Stop the helper threads of split batches (the session itself stays usable, single-threaded)."""
@@ -328,18 +316,22 @@ class ModelSession:
             self._pool = None
         self._split = 1
 
-    def _run_bound(self, feats: np.ndarray, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One call through an I/O binding: both inputs from host memory, both outputs back to host memory."""
+    def _run_bound(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray) -> None:
+        """One call through an I/O binding on a GPU: the inputs copied to the device once, the outputs back once
+        per call, then into ``probs`` and over ``cache``."""
         binding = self._session.io_binding()
-        binding.bind_cpu_input(INPUT_FEATS, np.ascontiguousarray(feats, dtype=np.float32))
-        binding.bind_cpu_input(INPUT_CACHE, np.ascontiguousarray(cache, dtype=np.float32))
+        binding.bind_cpu_input(INPUT_FEATS, feats)
         binding.bind_output(OUTPUT_PROBS, "cpu")
-        binding.bind_output(OUTPUT_CACHE, "cpu")
+        for layer, name_in, name_out in zip(cache, self._cache_in, self._cache_out, strict=True):
+            binding.bind_cpu_input(name_in, np.ascontiguousarray(layer))
+            binding.bind_output(name_out, "cpu")
         binding.synchronize_inputs()
         self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        probs, new_cache = binding.copy_outputs_to_cpu()
-        return probs, new_cache
+        new_probs, *new_cache = binding.copy_outputs_to_cpu()  # in the order they were bound
+        probs[...] = new_probs
+        for layer, new in zip(cache, new_cache, strict=True):
+            layer[...] = new
 
     def warm_up(self, batch: int = 1, frames: int = 3) -> float:
         """One call on silence-like input so the first real step is not slow; returns its seconds."""

@@ -1,11 +1,11 @@
 """Export the parsed nnet1 keyword spotter to a streaming ONNX, and refuse to install it unless it is verified.
 
-Graph: ``feats [B, T, 400]`` (spliced, un-normalised fbank) and ``cache [B, layers, 128, 11]`` in; ``probs [B, T,
-2599]`` (posteriors) and ``cache_out`` out. CMVN is folded into the first affine layer. Each Fsmn layer concatenates
-its cached past frames with the new ones and runs a depthwise filter (one multiply-add per tap over time-shifted
-views) whose taps are the left filter, the identity and the right filter; its output for a frame is therefore
-produced ROrder frames later (8 frames over four layers: the model's look-ahead), and any chunking of the input with
-the cache carried gives the same outputs.
+Graph: ``feats [B, T, 400]`` (spliced, un-normalised fbank) and per Fsmn layer ``cache<i> [B, 128, 11]`` in;
+``probs [B, T, 2599]`` (posteriors) and ``cache_out<i>`` out. CMVN is folded into the first affine layer. Each Fsmn
+layer concatenates its cached past frames with the new ones and runs a depthwise filter (a grouped Conv) whose taps
+are the left filter, the identity and the right filter; its output for a frame is therefore produced ROrder frames
+later (8 frames over four layers: the model's look-ahead), and any chunking of the input with the caches carried
+gives the same outputs.
 
 Verification, before the file is moved into place: the ONNX must agree with the independent numpy forward pass
 (``reference.py``) to 1e-4 on real features, chunks of 1, 7 and 50 frames must equal one call over the whole input,
@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kwsd import __version__
 from kwsd.audio.wavfile import AudioFileError, read_wav
-from kwsd.kws.contract import EXPORTER, INPUT_CACHE, INPUT_FEATS, OUTPUT_CACHE, OUTPUT_PROBS, ModelContract
+from kwsd.kws.contract import EXPORTER, INPUT_FEATS, OUTPUT_PROBS, ModelContract, cache_inputs, cache_outputs
 from kwsd.kws.decoder import KeywordError, load_tokens
 from kwsd.kws.features import FeatureConfig, offline_features
 from kwsd.model import example_hint
@@ -133,20 +133,19 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
         inits.append(numpy_helper.from_array(np.array(value, order="C"), n))
         return n
 
-    def node(op: str, inputs: list[str], **attrs: Any) -> str:
-        out = name(op.lower())
+    def node(op: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
+        out = output or name(op.lower())
         nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    def _slice(t: str, start: int, end: int | None, axis: int = 1) -> str:
+    def _slice(t: str, start: int, end: int | None, axis: int = 1, output: str | None = None) -> str:
         """``t[..., start:end]`` along ``axis``."""
         stop = np.iinfo(np.int64).max if end is None else end
         return node("Slice", [t, const("start", np.array([start], dtype=np.int64)),
                               const("end", np.array([stop], dtype=np.int64)),
-                              const("axis", np.array([axis], dtype=np.int64))])
+                              const("axis", np.array([axis], dtype=np.int64))], output)
 
     x = INPUT_FEATS
-    new_caches: list[str] = []
     layer = 0
     for i, comp in enumerate(components):
         if comp.kind == "AffineTransform":
@@ -174,10 +173,11 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
             x = node("Relu", [x])
         elif comp.kind == "Fsmn":
             taps = _fsmn_kernel(comp)  # [dim, 1, K]
-            cache = node("Gather", [INPUT_CACHE, const("layer", np.array(layer, dtype=np.int64))], axis=1)
+            cache = cache_inputs(layer + 1)[layer]  # [B, dim, cache]
             y = node("Concat", [cache, node("Transpose", [x], perm=[0, 2, 1])], axis=2)  # [B, dim, cache + T]
-            new_caches.append(node("Unsqueeze", [_slice(y, -cache_frames, None, axis=2),
-                                                 const("axis", np.array([1], dtype=np.int64))]))
+            # The layer's new cache is a graph output of its own (one tensor for all layers cost a split of the
+            # input and a concatenation of the outputs: two more copies of every stream's whole cache per call).
+            _slice(y, -cache_frames, None, axis=2, output=cache_outputs(layer + 1)[layer])
             # The depthwise filter as a 2-D grouped Conv over [B, dim, 1, cache + T]: onnxruntime runs 2-D
             # depthwise convolutions in its blocked (NCHWc) kernels, where a 1-D grouped Conv runs one tiny
             # matrix product per stream and channel and per-tap multiply-adds cost more in per-node overhead.
@@ -192,7 +192,6 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
         else:
             raise ExportError(f"component <{comp.kind}> has no ONNX mapping")
     nodes.append(helper.make_node("Identity", [x], [OUTPUT_PROBS], name="probs"))
-    nodes.append(helper.make_node("Concat", new_caches, [OUTPUT_CACHE], name="cache_out", axis=1))
 
     n_tokens = components[-1].output_dim
     graph = helper.make_graph(
@@ -200,11 +199,13 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
         "kwsd_fsmn_ctc_stream",
         inputs=[
             helper.make_tensor_value_info(INPUT_FEATS, TensorProto.FLOAT, ["batch", "time", components[0].input_dim]),
-            helper.make_tensor_value_info(INPUT_CACHE, TensorProto.FLOAT, ["batch", layer, dim, cache_frames]),
+            *(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", dim, cache_frames])
+              for n in cache_inputs(layer)),
         ],
         outputs=[
             helper.make_tensor_value_info(OUTPUT_PROBS, TensorProto.FLOAT, ["batch", "time", n_tokens]),
-            helper.make_tensor_value_info(OUTPUT_CACHE, TensorProto.FLOAT, ["batch", layer, dim, cache_frames]),
+            *(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", dim, cache_frames])
+              for n in cache_outputs(layer)),
         ],
         initializer=inits,
     )
@@ -223,11 +224,13 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
 
 
 def _run_stream(session: Any, feats: np.ndarray, cache_shape: tuple[int, ...], chunk: int | None) -> np.ndarray:
-    cache = np.zeros((1, *cache_shape), dtype=np.float32)
+    layers = cache_shape[0]
+    caches = [np.zeros((1, *cache_shape[1:]), dtype=np.float32) for _ in range(layers)]
     step = chunk or feats.shape[0]
     outs = []
     for start in range(0, feats.shape[0], step):
-        probs, cache = session.run(None, {INPUT_FEATS: feats[None, start : start + step], INPUT_CACHE: cache})
+        feed = {INPUT_FEATS: feats[None, start : start + step], **dict(zip(cache_inputs(layers), caches, strict=True))}
+        probs, *caches = session.run([OUTPUT_PROBS, *cache_outputs(layers)], feed)
         outs.append(probs[0])
     return np.concatenate(outs)
 
