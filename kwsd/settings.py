@@ -182,7 +182,8 @@ class DetectorSettings:
     forming on it (its first syllables heard in order, recently): the wake latency's share."""
     quiet_step_frames: int = 9
     """Model frames gathered per step by a stream on which no keyword is forming (at least ``step_frames``): the
-    next few frames cannot decide a keyword there, and a long step costs much less CPU than several short ones."""
+    next few frames cannot decide a keyword there, and a long step costs much less CPU than several short ones.
+    Up to 32 streams: beyond that every stream steps at ``step_frames``, all in one call per step, which costs less."""
     beam: int = 20
     """Prefixes kept by the CTC prefix beam search."""
     top_k: int = 10
