@@ -154,7 +154,8 @@ def main() -> int:
     ap.add_argument("--audio", default=os.environ.get("KWSD_TEST_AUDIO"),
                     help="folder with positive/ and negative/ (default: $KWSD_TEST_AUDIO)")
     ap.add_argument("--streams", default="1,16,64,256,1024")
-    ap.add_argument("--seconds", type=float, default=10.0, help="audio per configuration (one call per stream: up to 64 streams)")
+    ap.add_argument("--seconds", type=float, default=10.0,
+                    help="audio per configuration (one call per stream: up to 64 streams)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--modes", default="batched,single", help="batched and/or single (one run per stream)")
     ap.add_argument("--no-pace", dest="pace", action="store_false", help="run steps back to back")

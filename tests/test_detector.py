@@ -187,6 +187,60 @@ def test_many_streams_in_one_batch_equal_streams_alone(session: ModelSession, po
         assert [st for *_, st in got[n]] == [st for *_, st in alone[n]], n
 
 
+def test_the_output_layer_runs_only_where_a_keyword_token_can_pass_the_floor(
+        session: ModelSession, positives: list[Path], negatives: list[Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose keyword tokens' bounds stay below the floor skip the 2599-wide output layer; detections and
+    near misses (scores and sample positions included), the frames the searches advanced on, their rejections and
+    their final states all equal those of a detector computing every row."""
+    streams = {f"s{i}": np.concatenate([read_wav(p) for p in positives[i::4][:3] + negatives[i::4][:2]])
+               for i in range(4)}
+    computed = [0, 0]
+    update = session.update
+
+    def counting(feats, cache, need=None, columns=(), log_floor=0.0):  # type: ignore[no-untyped-def]
+        rows, probs = update(feats, cache, need, columns, log_floor)
+        computed[0] += rows.size
+        computed[1] += feats.shape[0]
+        return rows, probs
+
+    def run(every_row: bool) -> list[tuple]:  # type: ignore[type-arg]
+        det = Detector(session, DetectorSettings(site_thresholds={"s1": 0.999}), near_miss_ratio=0.3)
+        if every_row:
+            monkeypatch.setattr(det, "_need", lambda streams, delay: None)
+        out: list[tuple] = []  # type: ignore[type-arg]
+        for i, name in enumerate(streams):
+            det.add_stream(name, start_sample=1000 * i)
+        block = 1600
+        longest = max(a.size for a in streams.values())
+        for at in range(0, longest, block):
+            for name, a in streams.items():
+                if at < a.size:
+                    det.accept(name, a[at : at + block])
+            out.extend(det.step())
+            out.extend(det.near_misses())
+        # What the searches saw: frames with a keyword token in play, and the candidates they rejected.
+        seen = [(name, [dec.beam_frames for dec in det._streams[name].phased.decoders], det.rejected(name),
+                 [[(search.collapsed, sorted(search.hyps.items())) for search in dec._searches]
+                  for dec in det._streams[name].phased.decoders])
+                for name in streams]
+        for name in streams:
+            out.extend(det.finish(name))
+        out.extend(det.near_misses())
+        return seen + [(d.stream, d.keyword, d.score, d.start_sample, d.end_sample, d.decided_sample, d.near_miss)
+                       for d in out]
+
+    monkeypatch.setattr(session, "update", counting)
+    full = run(every_row=True)
+    assert computed[0] == computed[1]
+    computed[:] = [0, 0]
+    selected = run(every_row=False)
+    assert selected == full
+    hits = full[len(streams):]
+    assert sum(1 for d in hits if not d[-1]) >= 6 and any(d[-1] for d in hits), "keywords fire, near misses too"
+    assert computed[0] < 0.3 * computed[1], f"the output layer ran on {computed[0]} of {computed[1]} rows"
+
+
 def test_samples_needed_is_exactly_what_the_next_step_takes(session: ModelSession, audio_dir: Path) -> None:
     """The daemon sleeps until a site has ``samples_needed`` more samples: one fewer must not run a model step,
     that many must (so pacing the pipeline by it adds no latency)."""

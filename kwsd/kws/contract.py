@@ -13,11 +13,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kwsd.kws.features import FeatureConfig
 
-FORMAT = "kwsd-fsmn-ctc-stream/2"
-"""Version of the streaming interface (2: one cache input and output per Fsmn layer)."""
-GRAPH_REVISION = 4
+FORMAT = "kwsd-fsmn-ctc-stream/3"
+"""Version of the streaming interface (2: one cache input and output per Fsmn layer; 3: the output layer runs
+on the rows that need it)."""
+GRAPH_REVISION = 5
 """Bumped whenever the exporter writes a different graph, so set-up re-exports models written before."""
 EXPORTER = f"kwsd graph {GRAPH_REVISION}"
 """The ``kwsd.exporter`` metadata of a model this kwsd's exporter writes."""
@@ -25,9 +28,24 @@ EXPORTER = f"kwsd graph {GRAPH_REVISION}"
 INPUT_FEATS = "feats"
 INPUT_CACHE = "cache"
 """Prefix of the per-layer cache inputs ``cache0``, ``cache1``, ..."""
+INPUT_NEED = "need"
+"""``[batch]`` bool: rows whose posteriors are wanted whatever their keyword tokens' bounds."""
+INPUT_COLUMNS = "columns"
+"""``[R]`` int64, R >= 2: the blank's token id, then the keywords' token ids."""
+INPUT_LOG_FLOOR = "log_floor"
+"""Scalar float: a row's posteriors are computed when a keyword token's bound reaches ``exp(log_floor)``."""
+OUTPUT_ROWS = "rows"
+"""``[N]`` int64: the rows whose posteriors were computed, ascending."""
 OUTPUT_PROBS = "probs"
+"""``[N, T, tokens]``: the posteriors of those rows."""
 OUTPUT_CACHE = "cache_out"
 """Prefix of the per-layer cache outputs ``cache_out0``, ..."""
+
+
+def full_head_inputs(batch: int) -> dict[str, np.ndarray]:
+    """The selection inputs that ask for every row's posteriors."""
+    return {INPUT_NEED: np.ones(batch, dtype=np.bool_), INPUT_COLUMNS: np.zeros(2, dtype=np.int64),
+            INPUT_LOG_FLOOR: np.array(0.0, dtype=np.float32)}
 
 
 def cache_inputs(layers: int) -> list[str]:
@@ -121,7 +139,8 @@ def check_interface(contract: ModelContract, inputs: Mapping[str, Shape], output
     """The graph's inputs and outputs are the streaming interface ``contract`` describes."""
     layers = contract.cache_shape[0] if contract.cache_shape else 0
     caches = cache_inputs(layers)
-    if set(inputs) != {INPUT_FEATS, *caches} or not {OUTPUT_PROBS, *cache_outputs(layers)} <= set(outputs):
+    wanted_in = {INPUT_FEATS, *caches, INPUT_NEED, INPUT_COLUMNS, INPUT_LOG_FLOOR}
+    if set(inputs) != wanted_in or not {OUTPUT_ROWS, OUTPUT_PROBS, *cache_outputs(layers)} <= set(outputs):
         raise ContractError(f"{name}: inputs {sorted(inputs)} / outputs {sorted(outputs)} are not the streaming "
                             f"keyword-spotter interface")
     for cache_name in caches:

@@ -551,6 +551,11 @@ class KeywordDecoder:
         return any(search.forming(frame) for search in self._searches)
 
     @property
+    def collapsed(self) -> bool:
+        """Whether every search's prefixes end in blank: a blank-only frame would change nothing."""
+        return all(search.collapsed for search in self._searches)
+
+    @property
     def near_pending(self) -> bool:
         """Whether a near miss is forming or final and not yet taken."""
         return self._near_open

@@ -338,7 +338,6 @@ class Detector:
             for site, t in settings.site_thresholds.items()}
         self._streams: dict[str, _Stream] = {}
         self._cache = session.new_layer_cache(0)  # [layers, slots * phases, ...]: each layer's rows contiguous
-        self._probs = np.empty(0, dtype=np.float32)
         self._free: list[int] = []
         self._slots = 0
         self._cohort = _QUIET_COHORT  # slots per quiet grid: the slots spread over at most quiet_step_frames grids
@@ -348,6 +347,9 @@ class Detector:
         self._raw: dict[str, _Stream] = {}  # streams with audio waiting for feature extraction
         self._pool: ThreadPoolExecutor | None = None
         self._scanner = self._new_decoder()  # judges the whole batch's posteriors for the per-stream decoders
+        self._columns = self._scanner.column_ids  # blank, then the keyword tokens: what bounds a row's need
+        # A little below the floor, so a row left out cannot have a token the full posteriors would put above it.
+        self._log_floor = math.log(self._scanner.token_floor) - 1e-3 if self._scanner.token_floor > 0 else -math.inf
         self.refractory_frames = self._scanner.refractory_frames
 
     def close(self) -> None:
@@ -585,20 +587,28 @@ class Detector:
         else:
             rows = (slots[:, None] * n_phases + np.arange(n_phases)).ravel()
         t1 = time.perf_counter()
-        probs = self._posteriors(feats.shape[0], frames)
+        delay = self.contract.delay_frames
+        need = self._need(streams, delay)
         if isinstance(rows, slice):  # the model writes the new cache rows over the old ones
-            self.session.update(feats, self._cache[:, rows], probs)
+            computed, probs = self.session.update(feats, self._cache[:, rows], need, self._columns, self._log_floor)
         else:
             cache = self._cache.take(rows, axis=1)  # C-contiguous (a mixed slice + index view need not be)
-            self.session.update(feats, cache, probs)
+            computed, probs = self.session.update(feats, cache, need, self._columns, self._log_floor)
             self._cache[:, rows] = cache
         t2 = time.perf_counter()
-        delay = self.contract.delay_frames
         hits: list[Detection] = []
+        n_rows = feats.shape[0]
+        at = np.zeros(n_rows, dtype=np.intp)  # row -> its place in ``probs`` (rows computed only)
+        at[computed] = np.arange(computed.size)
+        at_l = at.tolist()
         if self.scan:
-            busy, blank = self._scanner.scan(probs)
+            # A row the model did not compute has no keyword token above the floor in any frame (and its
+            # decoders are collapsed, so whether a frame was blank-only changes nothing there).
+            busy, blank = np.zeros(n_rows, dtype=bool), np.zeros(n_rows, dtype=bool)
+            if computed.size:
+                busy[computed], blank[computed] = self._scanner.scan(probs)
             busy_l, blank_l = busy.tolist(), blank.tolist()
-            quiet: list[bool] = (~np.asarray(busy).reshape(-1, n_phases).any(axis=1)).tolist()  # type: ignore[assignment]
+            quiet: list[bool] = (~busy.reshape(-1, n_phases).any(axis=1)).tolist()  # type: ignore[assignment]
         for i, s in enumerate(streams):
             first = s.outputs - delay  # model frame index of this block's first output
             s.outputs += frames
@@ -615,7 +625,7 @@ class Detector:
                 if self.scan and first >= 0 and not busy_l[row]:
                     dec.skip(first, frames, blank_l[row])  # no keyword token in these frames
                     continue
-                p, start = probs[row], first
+                p, start = probs[at_l[row]], first
                 if start < 0:  # outputs before the stream's first frame: the look-ahead warming up
                     p, start = p[-start:], 0
                     if p.shape[0] == 0:
@@ -635,13 +645,18 @@ class Detector:
         self.timing.frames += frames * len(streams)
         return hits
 
-    def _posteriors(self, rows: int, frames: int) -> np.ndarray:
-        """This step's posterior buffer ``[rows, frames, tokens]``: one buffer reused by every step (the decoders
-        copy what they keep), so a big batch does not map fresh pages for its posteriors each step."""
-        size = rows * frames * len(self.contract.tokens)
-        if self._probs.size < size:
-            self._probs = np.empty(max(size, 2 * self._probs.size), dtype=np.float32)
-        return self._probs[:size].reshape(rows, frames, len(self.contract.tokens))
+    def _need(self, streams: list[_Stream], delay: int) -> np.ndarray | None:
+        """Per row of this step's batch, whether its posteriors are needed whatever its keyword tokens' bounds
+        (None: every row's): without the batch scan; while the model's look-ahead warms up (its first outputs
+        are dropped, not scanned); and where a decoder's search is not collapsed, since a blank-only frame then
+        changes it, and telling one needs the posteriors."""
+        if not self.scan:
+            return None
+        need: list[bool] = []
+        for s in streams:
+            warming = s.outputs < delay
+            need.extend(warming or not dec.collapsed for dec in s.phased.decoders)
+        return np.array(need, dtype=bool)
 
     def _detections(self, s: _Stream, fused: list[PhaseHit], near_miss: bool = False) -> list[Detection]:
         stride = self.contract.features.lfr_stride

@@ -59,7 +59,7 @@ def keyword_columns(session: ModelSession, blocks: Iterable[np.ndarray], templat
 
     def run(feats: np.ndarray) -> tuple[int, np.ndarray] | None:
         nonlocal outputs
-        probs = session.update(feats, cache)
+        _, probs = session.update(feats, cache)
         first = outputs - delay
         outputs += feats.shape[1]
         if first < 0:  # outputs before the first frame: the look-ahead warming up

@@ -19,13 +19,18 @@ import numpy as np
 
 from kwsd.kws.contract import (
     EXPORTER,
+    INPUT_COLUMNS,
     INPUT_FEATS,
+    INPUT_LOG_FLOOR,
+    INPUT_NEED,
     OUTPUT_PROBS,
+    OUTPUT_ROWS,
     ContractError,
     ModelContract,
     cache_inputs,
     cache_outputs,
     check_interface,
+    full_head_inputs,
 )
 
 log = logging.getLogger(__name__)
@@ -259,55 +264,79 @@ class ModelSession:
         """Posteriors ``[B, T, tokens]`` and the new cache for ``feats [B, T, dim]`` and ``cache [B, layers, ...]``
         (left as it was); :meth:`update` is the in-place call the detector makes."""
         layered = np.swapaxes(cache, 0, 1).astype(np.float32, order="C", copy=True)
-        probs = self.update(feats, layered)
+        _, probs = self.update(feats, layered)
         return probs, np.swapaxes(layered, 0, 1)
 
-    def update(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
-        """Posteriors ``[B, T, tokens]`` for ``feats [B, T, dim]``; the new cache is written over ``cache``.
+    def update(self, feats: np.ndarray, cache: np.ndarray, need: np.ndarray | None = None,
+               columns: Sequence[int] = (), log_floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``feats [B, T, dim]``; the new cache is written over ``cache``; returns ``(rows, probs)``: the rows
+        whose posteriors were computed (ascending) and those posteriors ``[len(rows), T, tokens]``.
 
         ``cache`` is float32 ``[layers, B, channels, frames]`` whose every layer ``cache[i]`` is C-contiguous
-        (e.g. a slice of consecutive streams of a layer-major cache array); ``probs`` an optional C-contiguous
-        float32 buffer of the posteriors' shape to write them into. On the CPU the model writes every output in
-        place: each layer reads its cache input before it writes its cache output, so no new cache is allocated
-        and nothing is copied back.
+        (e.g. a slice of consecutive streams of a layer-major cache array). On the CPU the model writes the new
+        cache in place: each layer reads its cache input before it writes its cache output, so no new cache is
+        allocated and nothing is copied back.
+
+        Without ``need`` every row is computed. With it (``[B]`` bool) a row is computed when ``need`` says so
+        or one of ``columns`` (the blank's id first, then keyword token ids) may reach ``exp(log_floor)`` in one
+        of its frames (see the exporter's ``_head``): any other row has no such token above that floor.
         """
-        batch, frames = feats.shape[0], feats.shape[1]
+        batch = feats.shape[0]
         if cache.dtype != np.float32 or not all(layer.flags.c_contiguous for layer in cache):
             raise ValueError("the cache to update must be float32 with every layer C-contiguous")
-        if probs is None:
-            probs = np.empty((batch, frames, len(self.contract.tokens)), dtype=np.float32)
+        if need is None:
+            selection = full_head_inputs(batch)
+        else:
+            cols = list(columns)
+            if len(cols) < 2:
+                raise ValueError("columns must name the blank and at least one keyword token")
+            selection = {INPUT_NEED: np.ascontiguousarray(need, dtype=np.bool_),
+                         INPUT_COLUMNS: np.asarray(cols, dtype=np.int64),
+                         INPUT_LOG_FLOOR: np.array(log_floor, dtype=np.float32)}
         feats = np.ascontiguousarray(feats, dtype=np.float32)
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
         for a in range(0, batch, self.max_batch):
             b = min(batch, a + self.max_batch)
+            part = dict(selection, **{INPUT_NEED: selection[INPUT_NEED][a:b]})
             if self.io_binding:  # a GPU: the outputs come back through the binding, then into place
-                self._run_bound(feats[a:b], cache[:, a:b], probs[a:b])
+                parts.append(self._run_bound(feats[a:b], cache[:, a:b], part, a))
             elif self._split > 1 and b - a >= _SPLIT_MIN * self._split:
-                self._call_split(feats[a:b], cache[:, a:b], probs[a:b])
+                parts.append(self._call_split(feats[a:b], cache[:, a:b], part, a))
             else:
-                self._call_into(feats[a:b], cache[:, a:b], probs[a:b])
-        return probs
+                parts.append(self._call_into(feats[a:b], cache[:, a:b], part, a))
+        return _joined(parts)
 
-    def _call_split(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray) -> None:
+    def _call_split(self, feats: np.ndarray, cache: np.ndarray, selection: dict[str, np.ndarray], offset: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
         """One batch as ``threads`` concurrent calls on consecutive slices of streams (each releases the
-        interpreter lock), each writing its part of the outputs in place."""
+        interpreter lock), each writing its part of the cache in place."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._split - 1, thread_name_prefix="kwsd-model")
         edges = np.linspace(0, feats.shape[0], self._split + 1).astype(int).tolist()
-        futures = [self._pool.submit(self._call_into, feats[a:b], cache[:, a:b], probs[a:b])
-                   for a, b in pairwise(edges[1:])]
-        self._call_into(feats[: edges[1]], cache[:, : edges[1]], probs[: edges[1]])
-        for f in futures:
-            f.result()
 
-    def _call_into(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray) -> None:
-        """One call whose outputs land in ``probs`` and over ``cache`` (per layer C-contiguous)."""
+        def call(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+            part = dict(selection, **{INPUT_NEED: selection[INPUT_NEED][a:b]})
+            return self._call_into(feats[a:b], cache[:, a:b], part, offset + a)
+
+        futures = [self._pool.submit(call, a, b) for a, b in pairwise(edges[1:])]
+        first = call(0, edges[1])
+        return _joined([first, *(f.result() for f in futures)])
+
+    def _call_into(self, feats: np.ndarray, cache: np.ndarray, selection: dict[str, np.ndarray], offset: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """One call: the new cache over ``cache`` (per layer C-contiguous); returns (rows + offset, probs)."""
         binding = self._session.io_binding()
         binding.bind_cpu_input(INPUT_FEATS, feats)
+        for name, value in selection.items():
+            binding.bind_cpu_input(name, value)
         for layer, name_in, name_out in zip(cache, self._cache_in, self._cache_out, strict=True):
             binding.bind_cpu_input(name_in, layer)
             binding.bind_output(name_out, "cpu", 0, np.float32, list(layer.shape), layer.ctypes.data)
-        binding.bind_output(OUTPUT_PROBS, "cpu", 0, np.float32, list(probs.shape), probs.ctypes.data)
+        binding.bind_output(OUTPUT_ROWS, "cpu")
+        binding.bind_output(OUTPUT_PROBS, "cpu")
         self._session.run_with_iobinding(binding)
+        rows, probs = (value.numpy() for value in binding.get_outputs()[-2:])
+        return rows + offset, probs
 
     def close(self) -> None:
         """Stop the helper threads of split batches (the session itself stays usable, single-threaded)."""
@@ -316,11 +345,15 @@ class ModelSession:
             self._pool = None
         self._split = 1
 
-    def _run_bound(self, feats: np.ndarray, cache: np.ndarray, probs: np.ndarray) -> None:
+    def _run_bound(self, feats: np.ndarray, cache: np.ndarray, selection: dict[str, np.ndarray], offset: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
         """One call through an I/O binding on a GPU: the inputs copied to the device once, the outputs back once
-        per call, then into ``probs`` and over ``cache``."""
+        per call, the new cache then over ``cache``."""
         binding = self._session.io_binding()
         binding.bind_cpu_input(INPUT_FEATS, feats)
+        for name, value in selection.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(OUTPUT_ROWS, "cpu")
         binding.bind_output(OUTPUT_PROBS, "cpu")
         for layer, name_in, name_out in zip(cache, self._cache_in, self._cache_out, strict=True):
             binding.bind_cpu_input(name_in, np.ascontiguousarray(layer))
@@ -328,16 +361,23 @@ class ModelSession:
         binding.synchronize_inputs()
         self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        new_probs, *new_cache = binding.copy_outputs_to_cpu()  # in the order they were bound
-        probs[...] = new_probs
+        rows, probs, *new_cache = binding.copy_outputs_to_cpu()  # in the order they were bound
         for layer, new in zip(cache, new_cache, strict=True):
             layer[...] = new
+        return rows + offset, probs
 
     def warm_up(self, batch: int = 1, frames: int = 3) -> float:
         """One call on silence-like input so the first real step is not slow; returns its seconds."""
         t0 = time.perf_counter()
         self.run(np.zeros((batch, frames, self.contract.features.dim), dtype=np.float32), self.new_cache(batch))
         return time.perf_counter() - t0
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The (rows, probs) of consecutive parts of one batch as one."""
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([r for r, _ in parts]), np.concatenate([p for _, p in parts])
 
 
 def describe_runtime(path: str | Path, providers: Sequence[str]) -> str:

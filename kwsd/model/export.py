@@ -28,7 +28,19 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kwsd import __version__
 from kwsd.audio.wavfile import AudioFileError, read_wav
-from kwsd.kws.contract import EXPORTER, INPUT_FEATS, OUTPUT_PROBS, ModelContract, cache_inputs, cache_outputs
+from kwsd.kws.contract import (
+    EXPORTER,
+    INPUT_COLUMNS,
+    INPUT_FEATS,
+    INPUT_LOG_FLOOR,
+    INPUT_NEED,
+    OUTPUT_PROBS,
+    OUTPUT_ROWS,
+    ModelContract,
+    cache_inputs,
+    cache_outputs,
+    full_head_inputs,
+)
 from kwsd.kws.decoder import KeywordError, load_tokens
 from kwsd.kws.features import FeatureConfig, offline_features
 from kwsd.model import example_hint
@@ -104,6 +116,28 @@ def _folds_bias(comp: Component, after: Component) -> bool:
     return comp.kind == "AffineTransform" and after.kind == "Softmax"
 
 
+def _head(node: Any, const: Any, hidden: str, weight: str) -> str:
+    """The output layer, run only on the rows that need it; returns its logits ``[N, T, tokens]``.
+
+    Row b needs it when ``need[b]`` is set or a keyword token may pass the decoder's floor in one of its frames.
+    The softmax of token k is at most ``exp(z_k - z_blank)`` (the normaliser is at least the blank's term), so the
+    logits of the few ``columns`` (blank first, then the keywords' tokens) bound every keyword token's posterior
+    exactly: a row whose every bound stays below ``exp(log_floor)`` has no keyword token above the floor, and in
+    most frames (blank dominates even in speech) the 2599-wide product and its softmax are not computed at all.
+    Output ``rows`` lists the rows computed (ascending); ``probs`` holds their posteriors in that order.
+    """
+    z = node("MatMul", [hidden, node("Gather", [weight, INPUT_COLUMNS], axis=1)])  # [B, T, R]
+    one = const("one", np.array([1], dtype=np.int64))
+    axis = const("axis", np.array([2], dtype=np.int64))
+    blank = node("Slice", [z, const("zero", np.array([0], dtype=np.int64)), one, axis])
+    tokens = node("Slice", [z, one, const("end", np.array([np.iinfo(np.int64).max], dtype=np.int64)), axis])
+    bound = node("ReduceMax", [node("Sub", [tokens, blank])], axes=[1, 2], keepdims=0)  # [B]
+    chosen = node("Or", [node("GreaterOrEqual", [bound, INPUT_LOG_FLOOR]), INPUT_NEED])
+    rows = node("Squeeze", [node("NonZero", [chosen]), const("axis", np.array([0], dtype=np.int64))],
+                output=OUTPUT_ROWS)
+    return node("MatMul", [node("Gather", [hidden, rows], axis=0), weight])
+
+
 def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarray, contract: ModelContract
                 ) -> onnx.ModelProto:
     fsmn = [c for c in components if c.kind == "Fsmn"]
@@ -163,7 +197,7 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
             elif (i > 0 and components[i - 1].kind == "AffineTransform" and i + 1 < len(components)
                   and _folds_bias(comp, components[i + 1])):
                 w = np.concatenate([w, b[:, None]], axis=1)
-                x = node("MatMul", [x, const("w", w.T.astype(np.float32))])
+                x = _head(node, const, x, const("w", w.T.astype(np.float32)))
                 continue
             x = node("MatMul", [x, const("w", w.T.astype(np.float32))])
             x = node("Add", [x, const("b", b.astype(np.float32))])
@@ -191,6 +225,9 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
             x = node("Softmax", [x], axis=-1)
         else:
             raise ExportError(f"component <{comp.kind}> has no ONNX mapping")
+    if OUTPUT_ROWS not in {out for n in nodes for out in n.output}:
+        raise ExportError("the network does not end in two affine layers and a softmax: no output layer to run "
+                          "on the rows that need it")
     nodes.append(helper.make_node("Identity", [x], [OUTPUT_PROBS], name="probs"))
 
     n_tokens = components[-1].output_dim
@@ -201,9 +238,13 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
             helper.make_tensor_value_info(INPUT_FEATS, TensorProto.FLOAT, ["batch", "time", components[0].input_dim]),
             *(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", dim, cache_frames])
               for n in cache_inputs(layer)),
+            helper.make_tensor_value_info(INPUT_NEED, TensorProto.BOOL, ["batch"]),
+            helper.make_tensor_value_info(INPUT_COLUMNS, TensorProto.INT64, ["columns"]),
+            helper.make_tensor_value_info(INPUT_LOG_FLOOR, TensorProto.FLOAT, []),
         ],
         outputs=[
-            helper.make_tensor_value_info(OUTPUT_PROBS, TensorProto.FLOAT, ["batch", "time", n_tokens]),
+            helper.make_tensor_value_info(OUTPUT_ROWS, TensorProto.INT64, ["rows"]),
+            helper.make_tensor_value_info(OUTPUT_PROBS, TensorProto.FLOAT, ["rows", "time", n_tokens]),
             *(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", dim, cache_frames])
               for n in cache_outputs(layer)),
         ],
@@ -229,7 +270,8 @@ def _run_stream(session: Any, feats: np.ndarray, cache_shape: tuple[int, ...], c
     step = chunk or feats.shape[0]
     outs = []
     for start in range(0, feats.shape[0], step):
-        feed = {INPUT_FEATS: feats[None, start : start + step], **dict(zip(cache_inputs(layers), caches, strict=True))}
+        feed = {INPUT_FEATS: feats[None, start : start + step], **dict(zip(cache_inputs(layers), caches, strict=True)),
+                **full_head_inputs(1)}
         probs, *caches = session.run([OUTPUT_PROBS, *cache_outputs(layers)], feed)
         outs.append(probs[0])
     return np.concatenate(outs)
