@@ -257,8 +257,9 @@ class _ReplaySource(_Source):
                     while self._backlog() > 0.5 and not self._halt.is_set():
                         self._halt.wait(0.005)
                 while held.shape[0] < want and not ended:
-                    # Read ahead (at real-time pace: half a second at a time), so the file is read rarely.
-                    chunk = self._read(max(want, longest if self.settings.realtime else 0) - held.shape[0])
+                    # Read ahead (at real-time pace: two seconds at a time), so the file is read rarely: each
+                    # read costs the library two seeks besides the copy.
+                    chunk = self._read(max(want, 4 * longest if self.settings.realtime else 0) - held.shape[0])
                     if not chunk:
                         ended = True
                         break

@@ -79,8 +79,10 @@ class AudioReader:
 
     def read_int16(self, frames: int) -> bytes:
         """Up to ``frames`` frames as interleaved little-endian int16 bytes; ``b""`` at the end."""
+        # Into a buffer of our own: without one, every read first seeks to size its result.
+        out = np.empty((max(0, frames), self.channels), dtype=np.int16)
         try:
-            data = self._file.read(frames, dtype="int16", always_2d=True)
+            data = self._file.read(frames, dtype="int16", always_2d=True, out=out)
         except (sf.SoundFileError, RuntimeError) as exc:
             raise _problem(self.path, exc) from exc
         return data.astype("<i2", copy=False).tobytes()
