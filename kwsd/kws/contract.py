@@ -144,10 +144,9 @@ def check_interface(contract: ModelContract, inputs: Mapping[str, Shape], output
         raise ContractError(f"{name}: inputs {sorted(inputs)} / outputs {sorted(outputs)} are not the streaming "
                             f"keyword-spotter interface")
     for cache_name in caches:
-        cache = list(inputs[cache_name][1:])
-        if cache != list(contract.cache_shape[1:]):
-            raise ContractError(f"{name}: cache input {cache_name} {cache} disagrees with its metadata "
-                                f"{contract.cache_shape}")
+        cache = [layers, *inputs[cache_name][1:]]  # as [layers, channels, frames], the metadata's form
+        if cache != list(contract.cache_shape):
+            raise ContractError(f"{name}: cache input {cache} disagrees with its metadata {contract.cache_shape}")
     feats = list(inputs[INPUT_FEATS])
     if not feats or feats[-1] != contract.features.dim:
         raise ContractError(f"{name}: feature input {feats} disagrees with its metadata "
