@@ -553,7 +553,10 @@ class KeywordDecoder:
     @property
     def collapsed(self) -> bool:
         """Whether every search's prefixes end in blank: a blank-only frame would change nothing."""
-        return all(search.collapsed for search in self._searches)
+        for search in self._searches:
+            if not search.collapsed:
+                return False
+        return True
 
     @property
     def near_pending(self) -> bool:

@@ -510,7 +510,7 @@ class Detector:
         ``quiet_step_frames`` grids) has its grid a frame after the last one's, so many quiet streams take their
         long steps in turns (a few sites share one grid)."""
         q = self.quiet_step_frames
-        if q <= self.step_frames or s.forming or not s.phased.idle or len(self._streams) > _QUIET_MAX_STREAMS:
+        if q <= self.step_frames or len(self._streams) > _QUIET_MAX_STREAMS or s.forming or not s.phased.idle:
             return True, self.step_frames
         return False, q - (s.outputs + s.slot // self._cohort) % q
 
@@ -654,8 +654,10 @@ class Detector:
             return None
         need: list[bool] = []
         for s in streams:
-            warming = s.outputs < delay
-            need.extend(warming or not dec.collapsed for dec in s.phased.decoders)
+            if s.outputs < delay:
+                need.extend([True] * len(s.phased.decoders))
+            else:
+                need.extend([not dec.collapsed for dec in s.phased.decoders])
         return np.array(need, dtype=bool)
 
     def _detections(self, s: _Stream, fused: list[PhaseHit], near_miss: bool = False) -> list[Detection]:
