@@ -180,9 +180,11 @@ class DetectorSettings:
     step_frames: int = 1
     """Model frames (30 ms each) gathered per stream before one batched inference step while a keyword may be
     forming on it (its first syllables heard in order, recently): the wake latency's share."""
-    quiet_step_frames: int = 9
+    quiet_step_frames: int = 15
     """Model frames gathered per step by a stream on which no keyword is forming (at least ``step_frames``): the
     next few frames cannot decide a keyword there, and a long step costs much less CPU than several short ones.
+    A keyword forms once its first two tokens are heard; the rest of it and the model's look-ahead (for 小云小云
+    at least about 0.6 s) must outlast one quiet step (15 frames: 0.45 s) for the wake latency to stay the same.
     Up to 32 streams: beyond that every stream steps at ``step_frames``, all in one call per step, which costs less."""
     beam: int = 20
     """Prefixes kept by the CTC prefix beam search."""
