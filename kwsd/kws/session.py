@@ -322,13 +322,18 @@ class ModelSession:
         first = call(0, edges[1])
         return _joined([first, *(f.result() for f in futures)])
 
-    def _call_into(self, feats: np.ndarray, cache: np.ndarray, selection: dict[str, np.ndarray], offset: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-        """One call: the new cache over ``cache`` (per layer C-contiguous); returns (rows + offset, probs)."""
+    def _binding(self, feats: np.ndarray, selection: dict[str, np.ndarray]) -> Any:
+        """An I/O binding with the features and the output-layer selection bound (the caches are the caller's)."""
         binding = self._session.io_binding()
         binding.bind_cpu_input(INPUT_FEATS, feats)
         for name, value in selection.items():
             binding.bind_cpu_input(name, value)
+        return binding
+
+    def _call_into(self, feats: np.ndarray, cache: np.ndarray, selection: dict[str, np.ndarray], offset: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """One call: the new cache over ``cache`` (per layer C-contiguous); returns (rows + offset, probs)."""
+        binding = self._binding(feats, selection)
         for layer, name_in, name_out in zip(cache, self._cache_in, self._cache_out, strict=True):
             binding.bind_cpu_input(name_in, layer)
             binding.bind_output(name_out, "cpu", 0, np.float32, list(layer.shape), layer.ctypes.data)
@@ -349,10 +354,7 @@ class ModelSession:
                    ) -> tuple[np.ndarray, np.ndarray]:
         """One call through an I/O binding on a GPU: the inputs copied to the device once, the outputs back once
         per call, the new cache then over ``cache``."""
-        binding = self._session.io_binding()
-        binding.bind_cpu_input(INPUT_FEATS, feats)
-        for name, value in selection.items():
-            binding.bind_cpu_input(name, value)
+        binding = self._binding(feats, selection)
         binding.bind_output(OUTPUT_ROWS, "cpu")
         binding.bind_output(OUTPUT_PROBS, "cpu")
         for layer, name_in, name_out in zip(cache, self._cache_in, self._cache_out, strict=True):
