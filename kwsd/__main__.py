@@ -76,6 +76,7 @@ def entry() -> NoReturn:
     Output to a pipe that was closed early (``kwsd detect ... | head -1``) ends the command quietly, and so does
     Ctrl-C (status 130, as a shell reports it).
     """
+    args = argparse.Namespace()
     try:
         args = build_parser().parse_args()
         code = _run(args)
@@ -86,6 +87,13 @@ def entry() -> NoReturn:
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C on a command without its own signal handling (``run`` has one)
         sys.exit(130)
+    except Exception as exc:  # a fault of kwsd itself: one line (the traceback with -v), status 70 (EX_SOFTWARE)
+        command = getattr(args, "command", None) or "kwsd"
+        logging.getLogger("kwsd").error(
+            "%s: internal error: %s: %s (this is a fault in kwsd; run with -v for the traceback and report it)",
+            command, type(exc).__name__, exc, exc_info=exc if getattr(args, "verbose", False) else None)
+        logging.shutdown()
+        os._exit(70)
     if getattr(args, "exit_at_once", False):
         logging.shutdown()
         sys.stderr.flush()

@@ -183,6 +183,22 @@ def test_detect_into_a_closed_pipe_ends_quietly(positives: list[Path], model_pat
     assert r.returncode == 1
 
 
+def test_an_internal_fault_is_one_line_not_a_traceback(positives: list[Path], model_path: Path,
+                                                        tmp_path: Path) -> None:
+    """A fault of kwsd itself (here a detector step that raises) ends the command with status 70 and one line naming
+    the command and the error; -v adds the traceback."""
+    script = ("import sys; import kwsd.kws.detector as d; d.Detector.step = lambda self: 1 / 0; "
+              "from kwsd.__main__ import entry; sys.argv = ['kwsd', *sys.argv[1:]]; entry()")
+    base = [sys.executable, "-c", script, "detect", "--model", str(model_path), str(positives[0])]
+    r = subprocess.run(base, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 70, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "detect: internal error: ZeroDivisionError: division by zero" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    verbose = subprocess.run([*base[:3], "-v", *base[3:]], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert verbose.returncode == 70 and "Traceback" in verbose.stderr
+
+
 def test_eval_result_does_not_depend_on_jobs(positives: list[Path], negatives: list[Path], model_path: Path,
                                              tmp_path: Path) -> None:
     """``kwsd eval`` decodes recordings side by side: the tables, the misses and the unreadable files (in order)
