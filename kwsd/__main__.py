@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -89,6 +90,8 @@ def entry() -> NoReturn:
         sys.exit(130)
     except Exception as exc:  # a fault of kwsd itself: one line (the traceback with -v), status 70 (EX_SOFTWARE)
         command = getattr(args, "command", None) or "kwsd"
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()  # what the command already printed (detections so far) is kept
         logging.getLogger("kwsd").error(
             "%s: internal error: %s: %s (this is a fault in kwsd; run with -v for the traceback and report it)",
             command, type(exc).__name__, exc, exc_info=exc if getattr(args, "verbose", False) else None)

@@ -28,7 +28,7 @@ import numpy as np
 
 from kwsd.audio import portaudio
 from kwsd.audio.resample import StreamResampler
-from kwsd.audio.ring import Ring
+from kwsd.audio.ring import Ring, rings_reached
 from kwsd.audio.wavfile import AUDIO_SUFFIXES, AudioFileError, AudioReader
 from kwsd.lifecycle import RUNNING, WAITING, Finished, Liveness, Part, describe, name_os_thread, supervise
 from kwsd.settings import InputSettings
@@ -377,27 +377,22 @@ class InputWorker:
             self.cursors[site] = start + data.shape[0]
         return data[:, 0], start
 
+    def _untaken(self) -> int:
+        """16 kHz samples per site the source delivered that no reader has taken over into the site rings yet."""
+        src, resampler = self._source, self._resampler
+        if src is None or resampler is None:
+            return 0
+        return resampler.outputs_after(src.ring.end - self._native_cursor)
+
     def end(self, site: str) -> int:
         """Absolute 16 kHz index after the newest sample of ``site``, audio not yet taken over included."""
-        src, resampler = self._source, self._resampler
-        extra = 0
-        if src is not None and resampler is not None:
-            extra = resampler.outputs_after(src.ring.end - self._native_cursor)
-        return self.rings[site].end + extra
+        return self.rings[site].end + self._untaken()
 
     def reached(self, targets: dict[str, int]) -> bool:
         """Whether a site has audio up to its target (a site without one: any unread audio), counting what the
         source delivered and no reader has taken over yet. Without locks (the capture callback's thread may
         ask): a read torn by a concurrent transfer can only undercount, and that transfer notifies the hub."""
-        src, resampler = self._source, self._resampler
-        extra = 0
-        if src is not None and resampler is not None:
-            extra = resampler.outputs_after(src.ring.end - self._native_cursor)
-        for site, ring in self.rings.items():
-            target = targets.get(site)
-            if ring.end + extra >= (self.cursors[site] + 1 if target is None else target):
-                return True
-        return False
+        return rings_reached(self.rings, self.cursors, targets, self._untaken())
 
     def _transfer(self, flush: bool = False) -> int:
         """Take what the source delivered into the site rings: its channels picked, resampled to 16 kHz

@@ -25,7 +25,7 @@ import numpy as np
 
 from kwsd.audio.capture import RATE, InputStatus, InputWorker
 from kwsd.audio.resample import StreamResampler
-from kwsd.audio.ring import Ring
+from kwsd.audio.ring import Ring, rings_reached
 from kwsd.lifecycle import Liveness
 from kwsd.settings import InputSettings
 
@@ -106,6 +106,14 @@ class RemoteInput:
     def bytes(self) -> int:
         """Memory held by the ring."""
         return self.capacity * 2
+
+    def end(self, site: str) -> int:
+        """Absolute 16 kHz index after the newest sample of the site."""
+        return self.ring.end
+
+    def reached(self, targets: dict[str, int]) -> bool:
+        """Whether the site has audio up to its target (without one: any unread audio)."""
+        return rings_reached(self.rings, self.cursors, targets)
 
     @property
     def backlog(self) -> int:
@@ -435,8 +443,7 @@ class AudioHub:
 
     def end(self, site: str) -> int:
         """Absolute 16 kHz index after the newest sample of ``site``."""
-        src = self._by_site[site]
-        return src.end(site) if isinstance(src, InputWorker) else src.rings[site].end
+        return self._by_site[site].end(site)
 
     def reopens(self, site: str) -> int:
         """How many times the input of ``site`` has been reopened. The count rises only after the old stream's
@@ -446,17 +453,8 @@ class AudioHub:
     def _notify(self, worker: InputWorker | RemoteInput | None = None) -> None:
         """An input delivered audio (or something changed): wake the reader if it has what it waits for."""
         with self._cond:
-            if worker is None or self._reached(worker):
+            if worker is None or worker.reached(self._targets):
                 self._cond.notify_all()
-
-    def _reached(self, worker: InputWorker | RemoteInput) -> bool:
-        if isinstance(worker, InputWorker):  # counts what its source delivered and nobody took over yet
-            return worker.reached(self._targets)
-        for site, ring in worker.rings.items():
-            target = self._targets.get(site)
-            if ring.end >= (worker.cursors[site] + 1 if target is None else target):
-                return True
-        return False
 
     def wake(self) -> None:
         """Make the current or next ``wait`` return at once (other work for the reader: a reload, new sites)."""
@@ -473,7 +471,7 @@ class AudioHub:
                 w.want({site: self._targets[site] for site in w.rings if site in self._targets})
 
             def ready() -> bool:
-                return self._stop.is_set() or self._woken or any(self._reached(w) for w in self._inputs())
+                return self._stop.is_set() or self._woken or any(w.reached(self._targets) for w in self._inputs())
 
             woken = self._cond.wait_for(ready, timeout)
             self._woken = False

@@ -97,3 +97,13 @@ class Ring:
         if begin > start:
             self.overruns += 1
             self.lost += begin - start
+
+
+def rings_reached(rings: dict[str, Ring], cursors: dict[str, int], targets: dict[str, int], extra: int = 0) -> bool:
+    """Whether a site's ring (with ``extra`` samples still to come into every ring) holds audio up to the site's
+    target, absolute index (a site without one: any unread audio past its cursor)."""
+    for site, ring in rings.items():
+        target = targets.get(site)
+        if ring.end + extra >= (cursors[site] + 1 if target is None else target):
+            return True
+    return False

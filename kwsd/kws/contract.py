@@ -48,14 +48,24 @@ def full_head_inputs(batch: int) -> dict[str, np.ndarray]:
             INPUT_LOG_FLOOR: np.array(0.0, dtype=np.float32)}
 
 
+def cache_input(layer: int) -> str:
+    """The name of Fsmn layer ``layer``'s cache input."""
+    return f"{INPUT_CACHE}{layer}"
+
+
+def cache_output(layer: int) -> str:
+    """The name of Fsmn layer ``layer``'s cache output."""
+    return f"{OUTPUT_CACHE}{layer}"
+
+
 def cache_inputs(layers: int) -> list[str]:
     """The names of the cache inputs of a model with ``layers`` Fsmn layers."""
-    return [f"{INPUT_CACHE}{i}" for i in range(layers)]
+    return [cache_input(i) for i in range(layers)]
 
 
 def cache_outputs(layers: int) -> list[str]:
     """The names of the cache outputs of a model with ``layers`` Fsmn layers."""
-    return [f"{OUTPUT_CACHE}{i}" for i in range(layers)]
+    return [cache_output(i) for i in range(layers)]
 
 
 class ContractError(ValueError):

@@ -598,9 +598,11 @@ class Detector:
         t2 = time.perf_counter()
         hits: list[Detection] = []
         n_rows = feats.shape[0]
-        at = np.zeros(n_rows, dtype=np.intp)  # row -> its place in ``probs`` (rows computed only)
-        at[computed] = np.arange(computed.size)
-        at_l = at.tolist()
+        at_l: Sequence[int] = range(n_rows)  # row -> its place in ``probs`` (which holds the rows computed only)
+        if computed.size < n_rows:
+            at = np.zeros(n_rows, dtype=np.intp)
+            at[computed] = np.arange(computed.size)
+            at_l = at.tolist()
         if self.scan:
             # A row the model did not compute has no keyword token above the floor in any frame (and its
             # decoders are collapsed, so whether a frame was blank-only changes nothing there).

@@ -297,7 +297,7 @@ class ModelSession:
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         for a in range(0, batch, self.max_batch):
             b = min(batch, a + self.max_batch)
-            part = dict(selection, **{INPUT_NEED: selection[INPUT_NEED][a:b]})
+            part = _rows_of(selection, a, b)
             if self.io_binding:  # a GPU: the outputs come back through the binding, then into place
                 parts.append(self._run_bound(feats[a:b], cache[:, a:b], part, a))
             elif self._split > 1 and b - a >= _SPLIT_MIN * self._split:
@@ -315,8 +315,7 @@ class ModelSession:
         edges = np.linspace(0, feats.shape[0], self._split + 1).astype(int).tolist()
 
         def call(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-            part = dict(selection, **{INPUT_NEED: selection[INPUT_NEED][a:b]})
-            return self._call_into(feats[a:b], cache[:, a:b], part, offset + a)
+            return self._call_into(feats[a:b], cache[:, a:b], _rows_of(selection, a, b), offset + a)
 
         futures = [self._pool.submit(call, a, b) for a, b in pairwise(edges[1:])]
         first = call(0, edges[1])
@@ -340,7 +339,7 @@ class ModelSession:
         binding.bind_output(OUTPUT_ROWS, "cpu")
         binding.bind_output(OUTPUT_PROBS, "cpu")
         self._session.run_with_iobinding(binding)
-        rows, probs = (value.numpy() for value in binding.get_outputs()[-2:])
+        rows, probs = (value.numpy() for value in binding.get_outputs()[-2:])  # in the order they were bound
         return rows + offset, probs
 
     def close(self) -> None:
@@ -373,6 +372,11 @@ class ModelSession:
         t0 = time.perf_counter()
         self.run(np.zeros((batch, frames, self.contract.features.dim), dtype=np.float32), self.new_cache(batch))
         return time.perf_counter() - t0
+
+
+def _rows_of(selection: dict[str, np.ndarray], a: int, b: int) -> dict[str, np.ndarray]:
+    """The output-layer selection inputs of batch rows ``a .. b-1`` (only ``need`` is per row)."""
+    return dict(selection, **{INPUT_NEED: selection[INPUT_NEED][a:b]})
 
 
 def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

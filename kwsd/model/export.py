@@ -37,7 +37,9 @@ from kwsd.kws.contract import (
     OUTPUT_PROBS,
     OUTPUT_ROWS,
     ModelContract,
+    cache_input,
     cache_inputs,
+    cache_output,
     cache_outputs,
     full_head_inputs,
 )
@@ -111,11 +113,6 @@ def fsmn_context(comp: Component) -> tuple[int, int]:
     )
 
 
-def _folds_bias(comp: Component, after: Component) -> bool:
-    """Whether ``comp`` is the affine layer right before the softmax, whose bias the layer before it supplies."""
-    return comp.kind == "AffineTransform" and after.kind == "Softmax"
-
-
 def _head(node: Any, const: Any, hidden: str, weight: str) -> str:
     """The output layer, run only on the rows that need it; returns its logits ``[N, T, tokens]``.
 
@@ -154,6 +151,10 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
                           f"of input {components[0].input_dim}")
     if components[-1].kind != "Softmax":
         raise ExportError("the network does not end in <Softmax>")
+    head = len(components) - 2  # the output layer: run on the rows that need it, its bias an input column
+    if head < 1 or components[head].kind != "AffineTransform" or components[head - 1].kind != "AffineTransform":
+        raise ExportError("the network does not end in two affine layers and a softmax: no output layer to run "
+                          "on the rows that need it")
 
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -188,14 +189,13 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
             if i == 0:  # fold (x + shift) * scale into the first affine layer
                 b = b + w @ (shift.astype(np.float64) * scale)
                 w = w * scale.astype(np.float64)[None, :]
-            if i + 2 < len(components) and _folds_bias(components[i + 1], components[i + 2]):
-                # The next layer (the widest, before the softmax) takes its bias as one more input column: this
-                # layer's output gets a constant 1 (a zero weight row, a bias of 1), the next one's weights the bias
-                # as their last column. It spares an addition pass over every frame's 2599 outputs.
+            if i == head - 1:
+                # The output layer (the widest) takes its bias as one more input column: this layer's output gets
+                # a constant 1 (a zero weight row, a bias of 1), the output weights the bias as their last column.
+                # It spares an addition pass over every frame's 2599 outputs.
                 w = np.concatenate([w, np.zeros((1, w.shape[1]))])
                 b = np.concatenate([b, [1.0]])
-            elif (i > 0 and components[i - 1].kind == "AffineTransform" and i + 1 < len(components)
-                  and _folds_bias(comp, components[i + 1])):
+            elif i == head:
                 w = np.concatenate([w, b[:, None]], axis=1)
                 x = _head(node, const, x, const("w", w.T.astype(np.float32)))
                 continue
@@ -207,11 +207,11 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
             x = node("Relu", [x])
         elif comp.kind == "Fsmn":
             taps = _fsmn_kernel(comp)  # [dim, 1, K]
-            cache = cache_inputs(layer + 1)[layer]  # [B, dim, cache]
+            cache = cache_input(layer)  # [B, dim, cache]
             y = node("Concat", [cache, node("Transpose", [x], perm=[0, 2, 1])], axis=2)  # [B, dim, cache + T]
             # The layer's new cache is a graph output of its own (one tensor for all layers cost a split of the
             # input and a concatenation of the outputs: two more copies of every stream's whole cache per call).
-            _slice(y, -cache_frames, None, axis=2, output=cache_outputs(layer + 1)[layer])
+            _slice(y, -cache_frames, None, axis=2, output=cache_output(layer))
             # The depthwise filter as a 2-D grouped Conv over [B, dim, 1, cache + T]: onnxruntime runs 2-D
             # depthwise convolutions in its blocked (NCHWc) kernels, where a 1-D grouped Conv runs one tiny
             # matrix product per stream and channel and per-tap multiply-adds cost more in per-node overhead.
@@ -225,9 +225,6 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
             x = node("Softmax", [x], axis=-1)
         else:
             raise ExportError(f"component <{comp.kind}> has no ONNX mapping")
-    if OUTPUT_ROWS not in {out for n in nodes for out in n.output}:
-        raise ExportError("the network does not end in two affine layers and a softmax: no output layer to run "
-                          "on the rows that need it")
     nodes.append(helper.make_node("Identity", [x], [OUTPUT_PROBS], name="probs"))
 
     n_tokens = components[-1].output_dim
