@@ -180,7 +180,15 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
                               const("end", np.array([stop], dtype=np.int64)),
                               const("axis", np.array([axis], dtype=np.int64))], output)
 
-    x = INPUT_FEATS
+    def _shape(*dims: int) -> str:
+        """``[B, T, *dims]``, with the batch and time of this call's features."""
+        return node("Concat", [batch_time, const("dims", np.array(dims, dtype=np.int64))], axis=0)
+
+    # The affine layers see every frame of the batch as one row of a 2-D matrix: onnxruntime then fuses each
+    # MatMul with its bias Add (and a following Relu) into one Gemm, where [B, T, dim] inputs keep them apart
+    # (a pass over the layer's output per operator). The Fsmn filters and the output layer see [B, T, dim].
+    batch_time = _slice(node("Shape", [INPUT_FEATS]), 0, 2, axis=0)
+    x = node("Reshape", [INPUT_FEATS, const("rows", np.array([-1, components[0].input_dim], dtype=np.int64))])
     layer = 0
     for i, comp in enumerate(components):
         if comp.kind == "AffineTransform":
@@ -197,7 +205,7 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
                 b = np.concatenate([b, [1.0]])
             elif i == head:
                 w = np.concatenate([w, b[:, None]], axis=1)
-                x = _head(node, const, x, const("w", w.T.astype(np.float32)))
+                x = _head(node, const, node("Reshape", [x, _shape(w.shape[1])]), const("w", w.T.astype(np.float32)))
                 continue
             x = node("MatMul", [x, const("w", w.T.astype(np.float32))])
             x = node("Add", [x, const("b", b.astype(np.float32))])
@@ -208,6 +216,7 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
         elif comp.kind == "Fsmn":
             taps = _fsmn_kernel(comp)  # [dim, 1, K]
             cache = cache_input(layer)  # [B, dim, cache]
+            x = node("Reshape", [x, _shape(dim)])
             y = node("Concat", [cache, node("Transpose", [x], perm=[0, 2, 1])], axis=2)  # [B, dim, cache + T]
             # The layer's new cache is a graph output of its own (one tensor for all layers cost a split of the
             # input and a concatenation of the outputs: two more copies of every stream's whole cache per call).
@@ -220,6 +229,7 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
                         kernel_shape=[1, int(taps.shape[2])])
             x = node("Transpose", [node("Squeeze", [conv, const("axis", np.array([2], dtype=np.int64))])],
                      perm=[0, 2, 1])
+            x = node("Reshape", [x, const("rows", np.array([-1, dim], dtype=np.int64))])
             layer += 1
         elif comp.kind == "Softmax":
             x = node("Softmax", [x], axis=-1)
