@@ -54,6 +54,8 @@ class Row:
     """Process CPU milliseconds per stream per second of audio (10 = 1 % of a core per stream)."""
     stages: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     """Microseconds per stream per 100 ms step: accept, features, model, decoder (busy wall time)."""
+    head: float = 0.0
+    """Fraction of the model's batch rows whose output layer ran."""
 
     @property
     def realtime(self) -> bool:
@@ -75,8 +77,9 @@ def steps_for(streams: int, seconds: float, mode: str) -> int:
 
 def run_config(session: ModelSession, audio: np.ndarray, streams: int, steps: int, pace: bool,
                stagger: bool = False, warm_steps: int = 10
-               ) -> tuple[float, float, np.ndarray, int, tuple[float, float, float, float]]:
-    """Busy seconds, CPU seconds, step durations and detections for ``streams`` streams over ``steps`` steps.
+               ) -> tuple[float, float, np.ndarray, int, tuple[float, float, float, float], float]:
+    """Busy seconds, CPU seconds, step durations, detections, stage times and the fraction of rows whose output
+    layer ran, for ``streams`` streams over ``steps`` steps.
 
     Aligned: every stream's blocks start on the same sample, so all streams need their occasional second model
     frame group (3.33 frames per 100 ms) in the same step: the worst case, e.g. the channels of one device.
@@ -119,32 +122,33 @@ def run_config(session: ModelSession, audio: np.ndarray, streams: int, steps: in
     per = 1e6 / (steps * streams)
     tm = det.timing
     det.close()
-    return busy, cpu, durations, detections, (accept * per, tm.features * per, tm.model * per, tm.decoder * per)
+    return (busy, cpu, durations, detections, (accept * per, tm.features * per, tm.model * per, tm.decoder * per),
+            tm.computed / max(1, tm.rows))
 
 
 def measure(session: ModelSession, mode: str, audio: np.ndarray, streams: int, seconds: float,
             pace: bool, stagger: bool) -> Row:
     steps = steps_for(streams, seconds, mode)
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    busy, step_cpu, durations, detections, stages = run_config(session, audio, streams, steps, pace, stagger)
+    busy, step_cpu, durations, detections, stages, head = run_config(session, audio, streams, steps, pace, stagger)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return Row(session.provider.replace("ExecutionProvider", ""), mode, streams, steps, busy / (steps * 0.1),
                cpu / wall, float(np.percentile(durations, 50)), float(np.percentile(durations, 99)),
-               float(durations.max()), rss, detections, 1000 * step_cpu / (steps * 0.1) / streams, stages)
+               float(durations.max()), rss, detections, 1000 * step_cpu / (steps * 0.1) / streams, stages, head)
 
 
 def print_table(rows: list[Row]) -> None:
     head = (f"{'provider':<8} {'mode':<9} {'streams':>7} {'audio s':>7} {'RTF':>7} {'CPU %':>6} {'CPU/str':>7} "
             f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'acc us':>6} {'feat us':>7} {'model us':>8} {'dec us':>6} "
-            f"{'RSS MB':>7} {'hits':>5}  real time")
+            f"{'head %':>6} {'RSS MB':>7} {'hits':>5}  real time")
     print(head)
     print("-" * len(head))
     for r in rows:
         a, f, m, d = r.stages
         print(f"{r.provider:<8} {r.mode:<9} {r.streams:>7} {r.steps / 10:>7.1f} {r.rtf:>7.4f} {100 * r.cpu:>6.1f} "
               f"{r.cpu_ms_stream / 10:>6.3f}% {1000 * r.p50:>7.2f} {1000 * r.p99:>7.2f} {1000 * r.worst:>7.2f} "
-              f"{a:>6.1f} {f:>7.1f} {m:>8.1f} {d:>6.1f} {r.rss_mb:>7.0f} {r.detections:>5}  "
+              f"{a:>6.1f} {f:>7.1f} {m:>8.1f} {d:>6.1f} {100 * r.head:>6.1f} {r.rss_mb:>7.0f} {r.detections:>5}  "
               f"{'yes' if r.realtime else 'NO'}")
 
 
@@ -205,7 +209,8 @@ def main() -> int:
     print("# RTF: busy time / audio time; CPU %: process CPU time / wall time (100 % = one core); CPU/str: CPU time "
           "of the steps per stream, in % of one core; p50/p99/max: one step (accept 100 ms for every stream + "
           "step()); acc/feat/model/dec us: wall microseconds per stream per step in accept(), feature extraction, "
-          "session.run and the decoders; RSS: the process's peak so far (rows run in order)")
+          "session.run and the decoders (summed over the step's threads); head %: batch rows whose output layer "
+          "ran; RSS: the process's peak so far (rows run in order)")
     load = os.getloadavg()
     print(f"# load average during the run (shared machine): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for provider in sorted({r.provider for r in rows}):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,12 +27,12 @@ BLOCK = 1600  # 100 ms, as a live capture delivers it
 def split_from(rows: int) -> Iterator[None]:
     """Split batches and feature extraction across threads from ``rows`` streams per thread (test batches are
     small)."""
-    saved = session_module._SPLIT_MIN, detector_module._EXTRACT_MIN
-    session_module._SPLIT_MIN = detector_module._EXTRACT_MIN = rows
+    saved = session_module._SPLIT_MIN, detector_module._PART_MIN
+    session_module._SPLIT_MIN = detector_module._PART_MIN = rows
     try:
         yield
     finally:
-        session_module._SPLIT_MIN, detector_module._EXTRACT_MIN = saved
+        session_module._SPLIT_MIN, detector_module._PART_MIN = saved
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +100,13 @@ def test_batched_detections_equal_each_stream_alone(session: ModelSession, model
     leave_early = {names[3]: 25, names[-2]: 12}  # removed without finish(): their hits so far only
     batched, rejected, det = _together(session, recordings, True, leave_early)
     assert det.timing.steps < sum(-(-a.size // BLOCK) for a in recordings.values()) / 5  # really batched
-    # Batches split in parts of 7, each part again across 2 concurrent calls (3 and 4 streams).
+    # Two threads: a step of 6 streams or more runs as two parts, one per thread (each part's call in batches of
+    # at most 7); a smaller step runs one call, its batches of 7 across 2 concurrent calls (3 and 4 streams).
     small = ModelSession(model_path, providers=["CPUExecutionProvider"], max_batch=7, intra_op_threads=2)
     assert small._split == 2
     with split_from(3):
         split, _, threaded = _together(small, recordings, True, leave_early)
-    assert small._pool is not None and threaded._pool is not None  # the concurrent calls did run
+    assert threaded._pool is not None and small._pool is not None  # both the parts and the split calls ran
     small.close()
     threaded.close()
     total = 0
@@ -208,3 +211,32 @@ def test_accept_copies_the_callers_buffer(session: ModelSession, positives: list
     got.extend(det.step())
     got.extend(det.finish("s"))
     assert got == want and len(want) == 1
+
+
+def test_a_failed_part_of_a_threaded_step_raises_only_once_every_part_is_done(
+        model_path: Path, recordings: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step cut into parts across threads: when one part's model call fails, the step raises, but not before
+    the other part's call (which writes its streams' cache rows) has finished."""
+    threaded = ModelSession(model_path, providers=["CPUExecutionProvider"], intra_op_threads=2)
+    det = Detector(threaded, DetectorSettings())
+    audio = list(recordings.values())
+    for i in range(max(2 * detector_module._PART_MIN, detector_module._QUIET_MAX_STREAMS + 1)):  # all hot
+        det.add_stream(f"s{i}")
+        det.accept(f"s{i}", audio[i % len(audio)][: 2 * BLOCK])
+    update = threaded.update
+    finished: list[str] = []
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("the model call failed")
+        time.sleep(0.3)
+        out = update(*args, **kwargs)
+        finished.append("worker")
+        return out
+
+    monkeypatch.setattr(threaded, "update", failing)
+    with pytest.raises(RuntimeError, match="the model call failed"):
+        det.step()
+    assert finished == ["worker"]
+    det.close()
+    threaded.close()

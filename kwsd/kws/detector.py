@@ -39,8 +39,8 @@ from kwsd.settings import DetectorSettings, KeywordSettings
 
 log = logging.getLogger(__name__)
 
-_EXTRACT_MIN = 16
-"""Fewest streams per thread worth handing feature extraction to a thread of its own."""
+_PART_MIN = 16
+"""Fewest streams per thread worth handing a part of a step (features, model call, decoders) to a thread."""
 _NEAR_JOIN = 4
 """Model frames by which the phases' near misses of one utterance may end apart and still be judged together."""
 _QUIET_COHORT = 8
@@ -92,6 +92,30 @@ class StepTiming:
     decoder: float = 0.0
     steps: int = 0
     frames: int = 0
+    rows: int = 0
+    """Batch rows (stream phases) the model ran on, summed over calls."""
+    computed: int = 0
+    """Of those, the rows whose output layer ran (the others had no keyword token that could pass the floor)."""
+
+    def add(self, other: StepTiming) -> None:
+        self.features += other.features
+        self.model += other.model
+        self.decoder += other.decoder
+        self.steps += other.steps
+        self.frames += other.frames
+        self.rows += other.rows
+        self.computed += other.computed
+
+
+@dataclass
+class _Work:
+    """What one part of a step produced: kept apart per thread, merged in stream order afterwards."""
+
+    split: bool = True
+    """Whether the model call may split its batch across the session's threads (not when the step is split)."""
+    hits: list[Detection] = field(default_factory=list)
+    near: list[Detection] = field(default_factory=list)
+    timing: StepTiming = field(default_factory=StepTiming)
 
 
 @dataclass
@@ -305,7 +329,7 @@ class Detector:
                  threads: int | None = None, phases: int = 3, near_miss_ratio: float = 0.0) -> None:
         """``scan``: judge each batch's posteriors in one vectorised pass and run only the decoders of streams
         whose frames carry a keyword token (the detections are identical; false decodes every stream).
-        ``threads``: threads extracting features in a step; default: the session's (``model.intra_op_threads``).
+        ``threads``: threads sharing a step's streams; default: the session's (``model.intra_op_threads``).
         ``phases``: LFR phases run per stream; 3 makes detection independent of the audio's offset (the default),
         1 runs only the model's training framing at a third of the model's cost (for measurements).
         ``near_miss_ratio``: report candidates scoring at least this fraction of the threshold (and below it, on
@@ -353,7 +377,7 @@ class Detector:
         self.refractory_frames = self._scanner.refractory_frames
 
     def close(self) -> None:
-        """Stop the feature threads (the detector stays usable, single-threaded)."""
+        """Stop the step's threads (the detector stays usable, single-threaded)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -450,6 +474,7 @@ class Detector:
             stream.raw.append(block)
 
     def _extract(self, streams: list[_Stream]) -> None:
+        """Features of the audio the streams accepted since their last step: one batched fbank pass."""
         chunks = [s.raw[0] if len(s.raw) == 1 else np.concatenate(s.raw) for s in streams]
         fc, phases = self.contract.features, self._phase_list
         for stream, fbank in zip(streams, self._fbank.compute([s.fbank for s in streams], chunks), strict=True):
@@ -458,46 +483,25 @@ class Detector:
                 stream.context.append(fbank)
                 stream.pending_frames = lfr_ready(fc, phases, stream.fbank.frames) - stream.taken
 
-    def _extract_all(self) -> None:
-        """Features for every stream with audio accepted since the last step: one batched fbank pass per thread
-        (numpy releases the interpreter lock, so ``threads`` threads work on separate streams at once)."""
-        if not self._raw:
-            return
-        t0 = time.perf_counter()
-        streams = list(self._raw.values())
-        self._raw.clear()
-        parts = min(self.threads, len(streams) // _EXTRACT_MIN) if self.threads > 1 else 1
-        if parts > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kwsd-features")
-            edges = np.linspace(0, len(streams), parts + 1).astype(int).tolist()
-            futures = [self._pool.submit(self._extract, streams[a:b]) for a, b in pairwise(edges[1:])]
-            self._extract(streams[: edges[1]])
-            for f in futures:
-                f.result()
-        else:
-            self._extract(streams)
-        self.timing.features += time.perf_counter() - t0
-
     def finish(self, name: str) -> list[Detection]:
         """End of a stream's input: flush its features and look-ahead and return the last detections."""
         stream = self._streams[name]
+        work = _Work()
         if stream.raw:
             self._raw.pop(name, None)
             t0 = time.perf_counter()
             self._extract([stream])
-            self.timing.features += time.perf_counter() - t0
+            work.timing.features += time.perf_counter() - t0
         frames = lfr_ready(self.contract.features, self._phase_list, stream.fbank.frames, final=True) - stream.taken
         if stream.taken or frames > 0:  # the model's look-ahead: the last frame repeats so every real frame decodes
             frames += self.contract.delay_frames
         stream.flushed = True
-        hits = []
         if frames > 0:
-            hits.extend(self._run([stream], frames, final=True))
-        hits.extend(self._detections(stream, stream.phased.fuse([], None)))
+            self._run([stream], frames, work, final=True)
+        work.hits.extend(self._detections(stream, stream.phased.fuse([], None)))
         if self.near_miss_ratio:
-            self._near_misses.extend(self._detections(stream, stream.phased.take_near(None), near_miss=True))
-        return hits
+            work.near.extend(self._detections(stream, stream.phased.take_near(None), near_miss=True))
+        return self._merged([work])
 
     # -- inference ------------------------------------------------------------------------------------------
 
@@ -523,28 +527,71 @@ class Detector:
         (where it would be decided a block later) and no step runs more than one frame above the average.
         Backlogs of other sizes (whole files) run in rounds of the smallest one, all of them in every round.
         Quiet streams and streams at ``step_frames`` are batched apart, so a quiet stream keeps its long steps.
+
+        With ``threads`` > 1 and enough streams, the streams are cut into one part per thread and each thread
+        runs its part's whole step (features, model call, decoders). The parts' interpreter-bound work (the
+        splice gather, the decoders) then overlaps the others' fbank and model time, which release the lock.
         """
-        self._extract_all()
+        if not self._raw and not any(s.pending_frames for s in self._streams.values()):
+            return []
+        self._raw.clear()
+        streams = list(self._streams.values())
+        parts = min(self.threads, len(streams) // _PART_MIN) if self.threads > 1 else 1
+        if parts <= 1:
+            work = _Work()
+            self._step_part(streams, work)
+            return self._merged([work])
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kwsd-step")
+        edges = np.linspace(0, len(streams), parts + 1).astype(int).tolist()
+        works = [_Work(split=False) for _ in range(parts)]
+        futures = [self._pool.submit(self._step_part, streams[a:b], w)
+                   for (a, b), w in zip(pairwise(edges[1:]), works[1:], strict=True)]
+        try:
+            self._step_part(streams[: edges[1]], works[0])
+        finally:
+            for f in futures:  # every part finished (or failed) before the step returns or raises
+                f.exception()
+        for f in futures:
+            f.result()
+        return self._merged(works)
+
+    def _merged(self, works: list[_Work]) -> list[Detection]:
+        """The hits of a step's parts in stream order; their near misses and timings added to the detector's."""
         hits: list[Detection] = []
+        for w in works:
+            hits.extend(w.hits)
+            self._near_misses.extend(w.near)
+            self.timing.add(w.timing)
+        return hits
+
+    def _step_part(self, streams: list[_Stream], work: _Work) -> None:
+        """One step of ``streams`` (all of them, or one thread's part): their features, then their model calls."""
+        fresh = [s for s in streams if s.raw]
+        if fresh:
+            t0 = time.perf_counter()
+            self._extract(fresh)
+            work.timing.features += time.perf_counter() - t0
         while True:
             groups: tuple[list[_Stream], list[_Stream]] = ([], [])  # forming (hot) streams, quiet ones
-            for s in self._streams.values():
+            for s in streams:
                 hot, frames = self._due(s)
                 if s.pending_frames >= frames:
                     groups[0 if hot else 1].append(s)
             if not groups[0] and not groups[1]:
-                return hits
+                return
             for group in groups:
                 if group:
-                    hits.extend(self._run_ready(group))
+                    self._run_ready(group, work)
 
-    def _run_ready(self, ready: list[_Stream]) -> list[Detection]:
+    def _run_ready(self, ready: list[_Stream], work: _Work) -> None:
         least = min(s.pending_frames for s in ready)
         longer = [s for s in ready if s.pending_frames > least]
         if longer and all(s.pending_frames == least + 1 for s in longer):
-            hits = self._run([s for s in ready if s.pending_frames == least], least)
-            return hits + self._run(longer, least + 1)
-        return self._run(ready, least)
+            self._run([s for s in ready if s.pending_frames == least], least, work)
+            self._run(longer, least + 1, work)
+            return
+        self._run(ready, least, work)
 
     def _features(self, streams: list[_Stream], frames: int, final: bool) -> np.ndarray:
         """Model input ``[streams * phases, frames, dim]``: one gather from all the streams' fbank frames."""
@@ -575,7 +622,8 @@ class Detector:
             s.context_start = keep
         return feats
 
-    def _run(self, streams: list[_Stream], frames: int, final: bool = False) -> list[Detection]:
+    def _run(self, streams: list[_Stream], frames: int, work: _Work, final: bool = False) -> None:
+        """One batched model call on ``frames`` pending frames of ``streams``, then their decoders."""
         t0 = time.perf_counter()
         n_phases = self.phases
         feats = self._features(streams, frames, final)  # [streams * phases, frames, dim]
@@ -590,13 +638,14 @@ class Detector:
         delay = self.contract.delay_frames
         need = self._need(streams, delay)
         if isinstance(rows, slice):  # the model writes the new cache rows over the old ones
-            computed, probs = self.session.update(feats, self._cache[:, rows], need, self._columns, self._log_floor)
+            computed, probs = self.session.update(feats, self._cache[:, rows], need, self._columns, self._log_floor,
+                                                  split=work.split)
         else:
             cache = self._cache.take(rows, axis=1)  # C-contiguous (a mixed slice + index view need not be)
-            computed, probs = self.session.update(feats, cache, need, self._columns, self._log_floor)
+            computed, probs = self.session.update(feats, cache, need, self._columns, self._log_floor,
+                                                  split=work.split)
             self._cache[:, rows] = cache
         t2 = time.perf_counter()
-        hits: list[Detection] = []
         n_rows = feats.shape[0]
         at_l: Sequence[int] = range(n_rows)  # row -> its place in ``probs`` (which holds the rows computed only)
         if computed.size < n_rows:
@@ -633,19 +682,20 @@ class Detector:
                     if p.shape[0] == 0:
                         continue
                 found.extend((phase, hit) for hit in dec.step(p, start))
-            hits.extend(self._detections(s, s.phased.fuse(found, first + frames - 1)))
+            work.hits.extend(self._detections(s, s.phased.fuse(found, first + frames - 1)))
             if self.near_miss_ratio:
-                self._near_misses.extend(
-                    self._detections(s, s.phased.take_near(first + frames - 1), near_miss=True))
+                work.near.extend(self._detections(s, s.phased.take_near(first + frames - 1), near_miss=True))
             if self.quiet_step_frames > self.step_frames:
                 s.forming = any(dec.forming for dec in s.phased.decoders)
         t3 = time.perf_counter()
-        self.timing.features += t1 - t0
-        self.timing.model += t2 - t1
-        self.timing.decoder += t3 - t2
-        self.timing.steps += 1
-        self.timing.frames += frames * len(streams)
-        return hits
+        timing = work.timing
+        timing.features += t1 - t0
+        timing.model += t2 - t1
+        timing.decoder += t3 - t2
+        timing.steps += 1
+        timing.frames += frames * len(streams)
+        timing.rows += n_rows
+        timing.computed += computed.size
 
     def _need(self, streams: list[_Stream], delay: int) -> np.ndarray | None:
         """Per row of this step's batch, whether its posteriors are needed whatever its keyword tokens' bounds

@@ -268,7 +268,8 @@ class ModelSession:
         return probs, np.swapaxes(layered, 0, 1)
 
     def update(self, feats: np.ndarray, cache: np.ndarray, need: np.ndarray | None = None,
-               columns: Sequence[int] = (), log_floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+               columns: Sequence[int] = (), log_floor: float = 0.0, split: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Run ``feats [B, T, dim]``; the new cache is written over ``cache``; returns ``(rows, probs)``: the rows
         whose posteriors were computed (ascending) and those posteriors ``[len(rows), T, tokens]``.
 
@@ -280,6 +281,9 @@ class ModelSession:
         Without ``need`` every row is computed. With it (``[B]`` bool) a row is computed when ``need`` says so
         or one of ``columns`` (the blank's id first, then keyword token ids) may reach ``exp(log_floor)`` in one
         of its frames (see the exporter's ``_head``): any other row has no such token above that floor.
+
+        ``split``: on the CPU, a big batch may run as concurrent calls on the session's threads; False when the
+        caller already runs on one of several threads of its own.
         """
         batch = feats.shape[0]
         if cache.dtype != np.float32 or not all(layer.flags.c_contiguous for layer in cache):
@@ -300,7 +304,7 @@ class ModelSession:
             part = _rows_of(selection, a, b)
             if self.io_binding:  # a GPU: the outputs come back through the binding, then into place
                 parts.append(self._run_bound(feats[a:b], cache[:, a:b], part, a))
-            elif self._split > 1 and b - a >= _SPLIT_MIN * self._split:
+            elif split and self._split > 1 and b - a >= _SPLIT_MIN * self._split:
                 parts.append(self._call_split(feats[a:b], cache[:, a:b], part, a))
             else:
                 parts.append(self._call_into(feats[a:b], cache[:, a:b], part, a))
@@ -318,7 +322,11 @@ class ModelSession:
             return self._call_into(feats[a:b], cache[:, a:b], _rows_of(selection, a, b), offset + a)
 
         futures = [self._pool.submit(call, a, b) for a, b in pairwise(edges[1:])]
-        first = call(0, edges[1])
+        try:
+            first = call(0, edges[1])
+        finally:
+            for f in futures:  # no call still writes its cache rows once this one returns or raises
+                f.exception()
         return _joined([first, *(f.result() for f in futures)])
 
     def _binding(self, feats: np.ndarray, selection: dict[str, np.ndarray]) -> Any:
