@@ -213,8 +213,16 @@ _PR_SET_NAME = 15
 def release_freed_memory() -> None:
     """Hand memory freed after a burst of work (the config check parses the whole model file, the model is loaded
     and warmed up) back to the system, so the resident size is what the daemon keeps using. Best effort: only where
-    the C library has ``malloc_trim`` (glibc)."""
+    the C library has ``malloc_trim`` (glibc).
+
+    What is left is the daemon's long-lived state (modules, settings, the model, every stream's decoders): it is
+    frozen out of the garbage collector's reach, so a full collection in the audio path scans only what was made
+    since (at 512 streams: 5 ms instead of 26). Each call first unfreezes, so what a reload left behind is
+    collected, never kept for good.
+    """
+    gc.unfreeze()
     gc.collect()
+    gc.freeze()
     if not sys.platform.startswith("linux"):
         return
     try:

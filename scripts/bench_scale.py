@@ -17,7 +17,6 @@ time): the figures are the steady state, over 10 s of audio per configuration by
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import resource
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 from kwsd.audio.wavfile import read_wav
 from kwsd.kws.detector import Detector
 from kwsd.kws.session import CPU, ModelSession
+from kwsd.lifecycle import release_freed_memory
 from kwsd.settings import DetectorSettings
 
 RATE = 16000
@@ -94,7 +94,7 @@ def run_config(session: ModelSession, audio: np.ndarray, streams: int, steps: in
         det.add_stream(n)
     durations = np.empty(steps)
     detections = 0
-    gc.collect()
+    release_freed_memory()  # what the daemon does once its streams are up (READY)
     busy = 0.0
     cpu = 0.0
     accept = 0.0

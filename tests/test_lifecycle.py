@@ -8,7 +8,18 @@ import time
 
 import pytest
 
-from kwsd.lifecycle import FAILED, RUNNING, STOPPED, WAITING, Backoff, Liveness, Part, run_supervised, supervise
+from kwsd.lifecycle import (
+    FAILED,
+    RUNNING,
+    STOPPED,
+    WAITING,
+    Backoff,
+    Liveness,
+    Part,
+    release_freed_memory,
+    run_supervised,
+    supervise,
+)
 
 
 class Clock:
@@ -119,3 +130,27 @@ def test_an_early_return_counts_as_a_failure() -> None:
     assert len(calls) == 2
     status = live.get("watcher")
     assert status is not None and status.state == STOPPED and status.last_error.startswith("ended unexpectedly")
+
+
+def test_released_memory_freezes_what_is_left_and_a_later_call_collects_what_was_frozen() -> None:
+    """After start-up the long-lived objects are out of the collector's scans; a reload's call collects the cycles
+    the previous configuration left behind (frozen objects are not collected for good)."""
+    import gc
+    import weakref
+
+    class Node:
+        other: object = None
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle: only the cyclic collector frees it
+    gone = weakref.ref(a)
+    try:
+        release_freed_memory()
+        assert gc.get_freeze_count() > 0
+        del a, b
+        gc.collect()
+        assert gone() is not None  # frozen: not scanned
+        release_freed_memory()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
