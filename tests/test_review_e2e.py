@@ -391,6 +391,9 @@ def test_reload_of_the_review_settings_mid_segment_keeps_the_wake_whole(
         daemon.wait_for(lambda: any(s.get("audio") for s in sidecars(review, "wakes")), 10, "the wake's audio")
         [side] = sidecars(review, "wakes")
         assert side["sessionId"] == wake["sessionId"] and side["segmentReason"] == "stopped"
+        # The archive and the MQTT side are separate sinks: the segment message may reach the subscriber a moment
+        # after the archive wrote the clip.
+        daemon.wait_for(lambda: payloads(sub, "kwsd/kitchen/segment"), 10, "the segment message")
         assert [a["reason"] for a in payloads(sub, "kwsd/kitchen/segment")] == ["stopped"]
         sub.publish("kwsd/kitchen/feedback", json.dumps({"sessionId": wake["sessionId"], "verdict": "wake"}))
         daemon.wait_for(lambda: sidecars(review, "wakes")[0]["verdict"] == "wake", 10, "the verdict after reload")

@@ -17,10 +17,10 @@ import numpy as np
 
 from kwsd.kws.features import FeatureConfig
 
-FORMAT = "kwsd-fsmn-ctc-stream/3"
+FORMAT = "kwsd-fsmn-ctc-stream/4"
 """Version of the streaming interface (2: one cache input and output per Fsmn layer; 3: the output layer runs
-on the rows that need it)."""
-GRAPH_REVISION = 6
+on the rows that need it; 4: on the frames that need it, from each row's first such frame on)."""
+GRAPH_REVISION = 7
 """Bumped whenever the exporter writes a different graph, so set-up re-exports models written before."""
 EXPORTER = f"kwsd graph {GRAPH_REVISION}"
 """The ``kwsd.exporter`` metadata of a model this kwsd's exporter writes."""
@@ -36,8 +36,10 @@ INPUT_LOG_FLOOR = "log_floor"
 """Scalar float: a row's posteriors are computed when a keyword token's bound reaches ``exp(log_floor)``."""
 OUTPUT_ROWS = "rows"
 """``[N]`` int64: the rows whose posteriors were computed, ascending."""
+OUTPUT_STARTS = "starts"
+"""``[N]`` int64: the first frame computed of each of those rows (every later frame of the row is computed)."""
 OUTPUT_PROBS = "probs"
-"""``[N, T, tokens]``: the posteriors of those rows."""
+"""``[M, tokens]``: the posteriors of frames ``starts[i] .. T-1`` of ``rows[i]``, row after row."""
 OUTPUT_CACHE = "cache_out"
 """Prefix of the per-layer cache outputs ``cache_out0``, ..."""
 
@@ -150,7 +152,8 @@ def check_interface(contract: ModelContract, inputs: Mapping[str, Shape], output
     layers = contract.cache_shape[0] if contract.cache_shape else 0
     caches = cache_inputs(layers)
     wanted_in = {INPUT_FEATS, *caches, INPUT_NEED, INPUT_COLUMNS, INPUT_LOG_FLOOR}
-    if set(inputs) != wanted_in or not {OUTPUT_ROWS, OUTPUT_PROBS, *cache_outputs(layers)} <= set(outputs):
+    if set(inputs) != wanted_in or not {OUTPUT_ROWS, OUTPUT_STARTS, OUTPUT_PROBS, *cache_outputs(layers)} <= set(
+            outputs):
         raise ContractError(f"{name}: inputs {sorted(inputs)} / outputs {sorted(outputs)} are not the streaming "
                             f"keyword-spotter interface")
     for cache_name in caches:

@@ -93,9 +93,9 @@ class StepTiming:
     steps: int = 0
     frames: int = 0
     rows: int = 0
-    """Batch rows (stream phases) the model ran on, summed over calls."""
+    """Frames of batch rows (stream phases) the model ran, summed over calls."""
     computed: int = 0
-    """Of those, the rows whose output layer ran (the others had no keyword token that could pass the floor)."""
+    """Of those, the frames whose output layer ran (the others had no keyword token that could pass the floor)."""
 
     def add(self, other: StepTiming) -> None:
         self.features += other.features
@@ -636,28 +636,31 @@ class Detector:
             rows = (slots[:, None] * n_phases + np.arange(n_phases)).ravel()
         t1 = time.perf_counter()
         delay = self.contract.delay_frames
-        need = self._need(streams, delay)
+        need = self._need(streams)
         if isinstance(rows, slice):  # the model writes the new cache rows over the old ones
-            computed, probs = self.session.update(feats, self._cache[:, rows], need, self._columns, self._log_floor,
-                                                  split=work.split)
+            out = self.session.update(feats, self._cache[:, rows], need, self._columns, self._log_floor,
+                                      split=work.split)
         else:
             cache = self._cache.take(rows, axis=1)  # C-contiguous (a mixed slice + index view need not be)
-            computed, probs = self.session.update(feats, cache, need, self._columns, self._log_floor,
-                                                  split=work.split)
+            out = self.session.update(feats, cache, need, self._columns, self._log_floor, split=work.split)
             self._cache[:, rows] = cache
         t2 = time.perf_counter()
         n_rows = feats.shape[0]
-        at_l: Sequence[int] = range(n_rows)  # row -> its place in ``probs`` (which holds the rows computed only)
-        if computed.size < n_rows:
-            at = np.zeros(n_rows, dtype=np.intp)
-            at[computed] = np.arange(computed.size)
-            at_l = at.tolist()
+        probs, computed = out.probs, out.rows
+        # Row -> where its computed frames (the last ``size`` of the step's) begin in ``probs``.
+        size = np.zeros(n_rows, dtype=np.intp)
+        size[computed] = frames - out.starts
+        at = np.zeros(n_rows, dtype=np.intp)
+        at[computed] = np.cumsum(size[computed]) - size[computed]
+        at_l, size_l = at.tolist(), size.tolist()
         if self.scan:
-            # A row the model did not compute has no keyword token above the floor in any frame (and its
-            # decoders are collapsed, so whether a frame was blank-only changes nothing there).
+            # A row (or the first frames of one) the model did not compute has no keyword token above the floor,
+            # and its decoders are collapsed there, so whether a frame was blank-only changes nothing.
             busy, blank = np.zeros(n_rows, dtype=bool), np.zeros(n_rows, dtype=bool)
             if computed.size:
-                busy[computed], blank[computed] = self._scanner.scan(probs)
+                busy_f, blank_f = self._scanner.scan(probs[:, None, :])  # per computed frame
+                busy[computed] = np.logical_or.reduceat(busy_f, at[computed])
+                blank[computed] = np.logical_or.reduceat(blank_f, at[computed])
             busy_l, blank_l = busy.tolist(), blank.tolist()
             quiet: list[bool] = (~busy.reshape(-1, n_phases).any(axis=1)).tolist()  # type: ignore[assignment]
         for i, s in enumerate(streams):
@@ -676,12 +679,14 @@ class Detector:
                 if self.scan and first >= 0 and not busy_l[row]:
                     dec.skip(first, frames, blank_l[row])  # no keyword token in these frames
                     continue
-                p, start = probs[at_l[row]], first
+                n = size_l[row]
+                p, start = probs[at_l[row] : at_l[row] + n], first + frames - n  # the frames computed
                 if start < 0:  # outputs before the stream's first frame: the look-ahead warming up
                     p, start = p[-start:], 0
-                    if p.shape[0] == 0:
-                        continue
-                found.extend((phase, hit) for hit in dec.step(p, start))
+                if start > max(first, 0):  # frames the model left out: no keyword token, the searches collapsed
+                    dec.skip(max(first, 0), start - max(first, 0), False)
+                if p.shape[0]:
+                    found.extend((phase, hit) for hit in dec.step(p, start))
             work.hits.extend(self._detections(s, s.phased.fuse(found, first + frames - 1)))
             if self.near_miss_ratio:
                 work.near.extend(self._detections(s, s.phased.take_near(first + frames - 1), near_miss=True))
@@ -694,22 +699,19 @@ class Detector:
         timing.decoder += t3 - t2
         timing.steps += 1
         timing.frames += frames * len(streams)
-        timing.rows += n_rows
-        timing.computed += computed.size
+        timing.rows += n_rows * frames
+        timing.computed += probs.shape[0]
 
-    def _need(self, streams: list[_Stream], delay: int) -> np.ndarray | None:
-        """Per row of this step's batch, whether its posteriors are needed whatever its keyword tokens' bounds
-        (None: every row's): without the batch scan; while the model's look-ahead warms up (its first outputs
-        are dropped, not scanned); and where a decoder's search is not collapsed, since a blank-only frame then
-        changes it, and telling one needs the posteriors."""
+    def _need(self, streams: list[_Stream]) -> np.ndarray | None:
+        """Per row of this step's batch, whether all its posteriors are needed whatever its keyword tokens' bounds
+        (None: every row's): without the batch scan, and where a decoder's search is not collapsed, since a
+        blank-only frame then changes it, and telling one needs the posteriors. Elsewhere (a new stream's decoders
+        too) a row's posteriors are needed from its first frame where a keyword token may pass the floor."""
         if not self.scan:
             return None
         need: list[bool] = []
         for s in streams:
-            if s.outputs < delay:
-                need.extend([True] * len(s.phased.decoders))
-            else:
-                need.extend([not dec.collapsed for dec in s.phased.decoders])
+            need.extend([not dec.collapsed for dec in s.phased.decoders])
         return np.array(need, dtype=bool)
 
     def _detections(self, s: _Stream, fused: list[PhaseHit], near_miss: bool = False) -> list[Detection]:

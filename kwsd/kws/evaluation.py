@@ -59,7 +59,7 @@ def keyword_columns(session: ModelSession, blocks: Iterable[np.ndarray], templat
 
     def run(feats: np.ndarray) -> tuple[int, np.ndarray] | None:
         nonlocal outputs
-        _, probs = session.update(feats, cache)
+        probs = session.update(feats, cache).probs.reshape(feats.shape[0], feats.shape[1], -1)  # every frame
         first = outputs - delay
         outputs += feats.shape[1]
         if first < 0:  # outputs before the first frame: the look-ahead warming up

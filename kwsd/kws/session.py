@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from kwsd.kws.contract import (
     INPUT_NEED,
     OUTPUT_PROBS,
     OUTPUT_ROWS,
+    OUTPUT_STARTS,
     ContractError,
     ModelContract,
     cache_inputs,
@@ -40,6 +41,20 @@ CUDA = "CUDAExecutionProvider"
 GPU_HINT = "install the GPU runtime with `scripts/setup --gpu` (pip extra `kwsd[gpu]`)"
 _SPLIT_MIN = 16
 """Fewest streams per thread worth a concurrent call of their own."""
+
+
+_SELECTED = (OUTPUT_ROWS, OUTPUT_STARTS, OUTPUT_PROBS)
+
+
+class Posteriors(NamedTuple):
+    """What one :meth:`ModelSession.update` computed of the output layer."""
+
+    rows: np.ndarray
+    """``[N]`` int64: the batch rows computed, ascending."""
+    starts: np.ndarray
+    """``[N]`` int64: the first frame computed of each (the row's later frames are all computed)."""
+    probs: np.ndarray
+    """``[M, tokens]``: the posteriors of frames ``starts[i] ..`` of ``rows[i]``, row after row."""
 
 
 class ModelError(RuntimeError):
@@ -264,23 +279,22 @@ class ModelSession:
         """Posteriors ``[B, T, tokens]`` and the new cache for ``feats [B, T, dim]`` and ``cache [B, layers, ...]``
         (left as it was); :meth:`update` is the in-place call the detector makes."""
         layered = np.swapaxes(cache, 0, 1).astype(np.float32, order="C", copy=True)
-        _, probs = self.update(feats, layered)
-        return probs, np.swapaxes(layered, 0, 1)
+        out = self.update(feats, layered)
+        return out.probs.reshape(feats.shape[0], feats.shape[1], -1), np.swapaxes(layered, 0, 1)
 
     def update(self, feats: np.ndarray, cache: np.ndarray, need: np.ndarray | None = None,
-               columns: Sequence[int] = (), log_floor: float = 0.0, split: bool = True
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Run ``feats [B, T, dim]``; the new cache is written over ``cache``; returns ``(rows, probs)``: the rows
-        whose posteriors were computed (ascending) and those posteriors ``[len(rows), T, tokens]``.
+               columns: Sequence[int] = (), log_floor: float = 0.0, split: bool = True) -> Posteriors:
+        """Run ``feats [B, T, dim]``; the new cache is written over ``cache``; returns the posteriors computed.
 
         ``cache`` is float32 ``[layers, B, channels, frames]`` whose every layer ``cache[i]`` is C-contiguous
         (e.g. a slice of consecutive streams of a layer-major cache array). On the CPU the model writes the new
         cache in place: each layer reads its cache input before it writes its cache output, so no new cache is
         allocated and nothing is copied back.
 
-        Without ``need`` every row is computed. With it (``[B]`` bool) a row is computed when ``need`` says so
-        or one of ``columns`` (the blank's id first, then keyword token ids) may reach ``exp(log_floor)`` in one
-        of its frames (see the exporter's ``_head``): any other row has no such token above that floor.
+        Without ``need`` every frame of every row is computed (``probs`` is then ``[B * T, tokens]``, row after
+        row). With it (``[B]`` bool) a row is computed whole when ``need`` says so; otherwise from its first frame
+        where one of ``columns`` (the blank's id first, then keyword token ids) may reach ``exp(log_floor)`` (see
+        the exporter's ``_head``) to its end: the frames left out have no such token above that floor.
 
         ``split``: on the CPU, a big batch may run as concurrent calls on the session's threads; False when the
         caller already runs on one of several threads of its own.
@@ -298,7 +312,7 @@ class ModelSession:
                          INPUT_COLUMNS: np.asarray(cols, dtype=np.int64),
                          INPUT_LOG_FLOOR: np.array(log_floor, dtype=np.float32)}
         feats = np.ascontiguousarray(feats, dtype=np.float32)
-        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        parts: list[Posteriors] = []
         for a in range(0, batch, self.max_batch):
             b = min(batch, a + self.max_batch)
             part = _rows_of(selection, a, b)
@@ -311,14 +325,14 @@ class ModelSession:
         return _joined(parts)
 
     def _call_split(self, feats: np.ndarray, cache: np.ndarray, selection: dict[str, np.ndarray], offset: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    ) -> Posteriors:
         """One batch as ``threads`` concurrent calls on consecutive slices of streams (each releases the
         interpreter lock), each writing its part of the cache in place."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._split - 1, thread_name_prefix="kwsd-model")
         edges = np.linspace(0, feats.shape[0], self._split + 1).astype(int).tolist()
 
-        def call(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        def call(a: int, b: int) -> Posteriors:
             return self._call_into(feats[a:b], cache[:, a:b], _rows_of(selection, a, b), offset + a)
 
         futures = [self._pool.submit(call, a, b) for a, b in pairwise(edges[1:])]
@@ -338,17 +352,17 @@ class ModelSession:
         return binding
 
     def _call_into(self, feats: np.ndarray, cache: np.ndarray, selection: dict[str, np.ndarray], offset: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-        """One call: the new cache over ``cache`` (per layer C-contiguous); returns (rows + offset, probs)."""
+                   ) -> Posteriors:
+        """One call: the new cache over ``cache`` (per layer C-contiguous); its rows counted from ``offset``."""
         binding = self._binding(feats, selection)
         for layer, name_in, name_out in zip(cache, self._cache_in, self._cache_out, strict=True):
             binding.bind_cpu_input(name_in, layer)
             binding.bind_output(name_out, "cpu", 0, np.float32, list(layer.shape), layer.ctypes.data)
-        binding.bind_output(OUTPUT_ROWS, "cpu")
-        binding.bind_output(OUTPUT_PROBS, "cpu")
+        for name in _SELECTED:
+            binding.bind_output(name, "cpu")
         self._session.run_with_iobinding(binding)
-        rows, probs = (value.numpy() for value in binding.get_outputs()[-2:])  # in the order they were bound
-        return rows + offset, probs
+        rows, starts, probs = (value.numpy() for value in binding.get_outputs()[-3:])  # in the order bound
+        return Posteriors(rows + offset, starts, probs)
 
     def close(self) -> None:
         """Stop the helper threads of split batches (the session itself stays usable, single-threaded)."""
@@ -358,22 +372,22 @@ class ModelSession:
         self._split = 1
 
     def _run_bound(self, feats: np.ndarray, cache: np.ndarray, selection: dict[str, np.ndarray], offset: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   ) -> Posteriors:
         """One call through an I/O binding on a GPU: the inputs copied to the device once, the outputs back once
         per call, the new cache then over ``cache``."""
         binding = self._binding(feats, selection)
-        binding.bind_output(OUTPUT_ROWS, "cpu")
-        binding.bind_output(OUTPUT_PROBS, "cpu")
+        for name in _SELECTED:
+            binding.bind_output(name, "cpu")
         for layer, name_in, name_out in zip(cache, self._cache_in, self._cache_out, strict=True):
             binding.bind_cpu_input(name_in, np.ascontiguousarray(layer))
             binding.bind_output(name_out, "cpu")
         binding.synchronize_inputs()
         self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        rows, probs, *new_cache = binding.copy_outputs_to_cpu()  # in the order they were bound
+        rows, starts, probs, *new_cache = binding.copy_outputs_to_cpu()  # in the order they were bound
         for layer, new in zip(cache, new_cache, strict=True):
             layer[...] = new
-        return rows + offset, probs
+        return Posteriors(rows + offset, starts, probs)
 
     def warm_up(self, batch: int = 1, frames: int = 3) -> float:
         """One call on silence-like input so the first real step is not slow; returns its seconds."""
@@ -387,11 +401,11 @@ def _rows_of(selection: dict[str, np.ndarray], a: int, b: int) -> dict[str, np.n
     return dict(selection, **{INPUT_NEED: selection[INPUT_NEED][a:b]})
 
 
-def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The (rows, probs) of consecutive parts of one batch as one."""
+def _joined(parts: list[Posteriors]) -> Posteriors:
+    """The posteriors of consecutive parts of one batch as one."""
     if len(parts) == 1:
         return parts[0]
-    return np.concatenate([r for r, _ in parts]), np.concatenate([p for _, p in parts])
+    return Posteriors(*(np.concatenate(column) for column in zip(*parts, strict=True)))
 
 
 def describe_runtime(path: str | Path, providers: Sequence[str]) -> str:

@@ -36,6 +36,7 @@ from kwsd.kws.contract import (
     INPUT_NEED,
     OUTPUT_PROBS,
     OUTPUT_ROWS,
+    OUTPUT_STARTS,
     ModelContract,
     cache_input,
     cache_inputs,
@@ -113,26 +114,36 @@ def fsmn_context(comp: Component) -> tuple[int, int]:
     )
 
 
-def _head(node: Any, const: Any, hidden: str, weight: str) -> str:
-    """The output layer, run only on the rows that need it; returns its logits ``[N, T, tokens]``.
+def _head(node: Any, const: Any, hidden: str, weight: str, frames: str) -> str:
+    """The output layer, run only on the frames that need it; returns its logits ``[M, tokens]``.
 
-    Row b needs it when ``need[b]`` is set or a keyword token may pass the decoder's floor in one of its frames.
     The softmax of token k is at most ``exp(z_k - z_blank)`` (the normaliser is at least the blank's term), so the
     logits of the few ``columns`` (blank first, then the keywords' tokens) bound every keyword token's posterior
-    exactly: a row whose every bound stays below ``exp(log_floor)`` has no keyword token above the floor, and in
+    exactly: in a frame whose every bound stays below ``exp(log_floor)`` no keyword token is above the floor, and in
     most frames (blank dominates even in speech) the 2599-wide product and its softmax are not computed at all.
-    Output ``rows`` lists the rows computed (ascending); ``probs`` holds their posteriors in that order.
+
+    Row b is computed from its first frame whose bound reaches the floor to its last frame, or whole when
+    ``need[b]`` is set. Before that frame its decoders' searches are collapsed (else ``need`` is set) and see no
+    keyword token, so those frames change nothing; from it on a search may hold a prefix that a blank-only frame
+    changes, and every frame is computed. Outputs: ``rows`` [N] the rows computed (ascending), ``starts`` [N] the
+    first frame computed of each; the logits are those rows' frames ``starts .. T-1`` one after the other.
     """
     z = node("MatMul", [hidden, node("Gather", [weight, INPUT_COLUMNS], axis=1)])  # [B, T, R]
     one = const("one", np.array([1], dtype=np.int64))
     axis = const("axis", np.array([2], dtype=np.int64))
     blank = node("Slice", [z, const("zero", np.array([0], dtype=np.int64)), one, axis])
     tokens = node("Slice", [z, one, const("end", np.array([np.iinfo(np.int64).max], dtype=np.int64)), axis])
-    bound = node("ReduceMax", [node("Sub", [tokens, blank])], axes=[1, 2], keepdims=0)  # [B]
-    chosen = node("Or", [node("GreaterOrEqual", [bound, INPUT_LOG_FLOOR]), INPUT_NEED])
-    rows = node("Squeeze", [node("NonZero", [chosen]), const("axis", np.array([0], dtype=np.int64))],
+    bound = node("ReduceMax", [node("Sub", [tokens, blank])], axes=[2], keepdims=0)  # [B, T]
+    reached = node("Cast", [node("GreaterOrEqual", [bound, INPUT_LOG_FLOOR])], to=TensorProto.INT32)
+    since = node("Greater", [node("CumSum", [reached, const("time_axis", np.array(1, dtype=np.int32))]),
+                             const("none", np.array(0, dtype=np.int32))])  # [B, T]: from the first frame on
+    chosen = node("Or", [since, node("Unsqueeze", [INPUT_NEED, one])])  # [B, T]
+    counts = node("ReduceSum", [node("Cast", [chosen], to=TensorProto.INT64), one], keepdims=0)  # [B]
+    rows = node("Squeeze", [node("NonZero", [counts]), const("axis", np.array([0], dtype=np.int64))],
                 output=OUTPUT_ROWS)
-    return node("MatMul", [node("Gather", [hidden, rows], axis=0), weight])
+    node("Sub", [frames, node("Gather", [counts, rows], axis=0)], output=OUTPUT_STARTS)
+    picked = node("Transpose", [node("NonZero", [chosen])], perm=[1, 0])  # [M, 2]: (row, frame), row-major
+    return node("MatMul", [node("GatherND", [hidden, picked]), weight])
 
 
 def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarray, contract: ModelContract
@@ -205,7 +216,8 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
                 b = np.concatenate([b, [1.0]])
             elif i == head:
                 w = np.concatenate([w, b[:, None]], axis=1)
-                x = _head(node, const, node("Reshape", [x, _shape(w.shape[1])]), const("w", w.T.astype(np.float32)))
+                x = _head(node, const, node("Reshape", [x, _shape(w.shape[1])]), const("w", w.T.astype(np.float32)),
+                          _slice(batch_time, 1, 2, axis=0))
                 continue
             x = node("MatMul", [x, const("w", w.T.astype(np.float32))])
             x = node("Add", [x, const("b", b.astype(np.float32))])
@@ -251,7 +263,8 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
         ],
         outputs=[
             helper.make_tensor_value_info(OUTPUT_ROWS, TensorProto.INT64, ["rows"]),
-            helper.make_tensor_value_info(OUTPUT_PROBS, TensorProto.FLOAT, ["rows", "time", n_tokens]),
+            helper.make_tensor_value_info(OUTPUT_STARTS, TensorProto.INT64, ["rows"]),
+            helper.make_tensor_value_info(OUTPUT_PROBS, TensorProto.FLOAT, ["frames", n_tokens]),
             *(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", dim, cache_frames])
               for n in cache_outputs(layer)),
         ],
@@ -280,7 +293,7 @@ def _run_stream(session: Any, feats: np.ndarray, cache_shape: tuple[int, ...], c
         feed = {INPUT_FEATS: feats[None, start : start + step], **dict(zip(cache_inputs(layers), caches, strict=True)),
                 **full_head_inputs(1)}
         probs, *caches = session.run([OUTPUT_PROBS, *cache_outputs(layers)], feed)
-        outs.append(probs[0])
+        outs.append(probs)  # one row, every frame: [T, tokens]
     return np.concatenate(outs)
 
 
