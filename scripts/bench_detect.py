@@ -86,7 +86,7 @@ def run(session: ModelSession, audio: np.ndarray, phases: int, block: int) -> fl
         print(f"  {name:<16} {1000 * value / seconds:.3f} ms per s of audio ({100 * value / max(stages, 1e-9):.0f} %)")
     print(f"  {'other':<16} {1000 * max(wall - stages, 0.0) / seconds:.3f} ms per s of audio (accept/step glue)")
     print(f"steps              {t.steps} inference calls, {t.frames} model frames; output layer on "
-          f"{t.computed} of {t.rows} batch rows ({100 * t.computed / max(1, t.rows):.1f} %)")
+          f"{t.computed} of {t.rows} frames of batch rows ({100 * t.computed / max(1, t.rows):.1f} %)")
     return cpu / seconds
 
 

@@ -55,7 +55,7 @@ class Row:
     stages: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     """Microseconds per stream per 100 ms step: accept, features, model, decoder (busy wall time)."""
     head: float = 0.0
-    """Fraction of the model's batch rows whose output layer ran."""
+    """Fraction of the frames the model ran (of every batch row) whose output layer ran."""
 
     @property
     def realtime(self) -> bool:
@@ -78,7 +78,7 @@ def steps_for(streams: int, seconds: float, mode: str) -> int:
 def run_config(session: ModelSession, audio: np.ndarray, streams: int, steps: int, pace: bool,
                stagger: bool = False, warm_steps: int = 10
                ) -> tuple[float, float, np.ndarray, int, tuple[float, float, float, float], float]:
-    """Busy seconds, CPU seconds, step durations, detections, stage times and the fraction of rows whose output
+    """Busy seconds, CPU seconds, step durations, detections, stage times and the fraction of frames whose output
     layer ran, for ``streams`` streams over ``steps`` steps.
 
     Aligned: every stream's blocks start on the same sample, so all streams need their occasional second model
@@ -209,8 +209,8 @@ def main() -> int:
     print("# RTF: busy time / audio time; CPU %: process CPU time / wall time (100 % = one core); CPU/str: CPU time "
           "of the steps per stream, in % of one core; p50/p99/max: one step (accept 100 ms for every stream + "
           "step()); acc/feat/model/dec us: wall microseconds per stream per step in accept(), feature extraction, "
-          "session.run and the decoders (summed over the step's threads); head %: batch rows whose output layer "
-          "ran; RSS: the process's peak so far (rows run in order)")
+          "session.run and the decoders (summed over the step's threads); head %: frames whose output layer ran "
+          "(of all the batch rows' frames); RSS: the process's peak so far (rows run in order)")
     load = os.getloadavg()
     print(f"# load average during the run (shared machine): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for provider in sorted({r.provider for r in rows}):
