@@ -20,7 +20,7 @@ from kwsd.kws.features import FeatureConfig
 FORMAT = "kwsd-fsmn-ctc-stream/4"
 """Version of the streaming interface (2: one cache input and output per Fsmn layer; 3: the output layer runs
 on the rows that need it; 4: on the frames that need it, from each row's first such frame on)."""
-GRAPH_REVISION = 7
+GRAPH_REVISION = 8
 """Bumped whenever the exporter writes a different graph, so set-up re-exports models written before."""
 EXPORTER = f"kwsd graph {GRAPH_REVISION}"
 """The ``kwsd.exporter`` metadata of a model this kwsd's exporter writes."""

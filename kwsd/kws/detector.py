@@ -372,8 +372,9 @@ class Detector:
         self._pool: ThreadPoolExecutor | None = None
         self._scanner = self._new_decoder()  # judges the whole batch's posteriors for the per-stream decoders
         self._columns = self._scanner.column_ids  # blank, then the keyword tokens: what bounds a row's need
-        # A little below the floor, so a row left out cannot have a token the full posteriors would put above it.
-        self._log_floor = math.log(self._scanner.token_floor) - 1e-3 if self._scanner.token_floor > 0 else -math.inf
+        # A little below the floor (1 %), so a frame left out cannot have a token the full posteriors put above it:
+        # the bounds' logits take another path through the last two layers than the posteriors (float32 rounding).
+        self._log_floor = math.log(self._scanner.token_floor) - 0.01 if self._scanner.token_floor > 0 else -math.inf
         self.refractory_frames = self._scanner.refractory_frames
 
     def close(self) -> None:

@@ -114,7 +114,7 @@ def fsmn_context(comp: Component) -> tuple[int, int]:
     )
 
 
-def _head(node: Any, const: Any, hidden: str, weight: str, frames: str) -> str:
+def _head(node: Any, const: Any, hidden: str, last: tuple[str, str], weight: str, frames: str) -> str:
     """The output layer, run only on the frames that need it; returns its logits ``[M, tokens]``.
 
     The softmax of token k is at most ``exp(z_k - z_blank)`` (the normaliser is at least the blank's term), so the
@@ -128,7 +128,13 @@ def _head(node: Any, const: Any, hidden: str, weight: str, frames: str) -> str:
     changes, and every frame is computed. Outputs: ``rows`` [N] the rows computed (ascending), ``starts`` [N] the
     first frame computed of each; the logits are those rows' frames ``starts .. T-1`` one after the other.
     """
-    z = node("MatMul", [hidden, node("Gather", [weight, INPUT_COLUMNS], axis=1)])  # [B, T, R]
+    # The layer before the output layer is linear, so the bounds' logits come straight from ``hidden``, through
+    # that layer's weights times the output weights of the few columns (a [dim, R] product per call): the layer
+    # itself runs only on the frames computed.
+    last_w, last_b = last
+    columns = node("Gather", [weight, INPUT_COLUMNS], axis=1)  # [141, R]
+    z = node("Add", [node("MatMul", [hidden, node("MatMul", [last_w, columns])]),
+                     node("MatMul", [last_b, columns])])  # [B, T, R]
     one = const("one", np.array([1], dtype=np.int64))
     axis = const("axis", np.array([2], dtype=np.int64))
     blank = node("Slice", [z, const("zero", np.array([0], dtype=np.int64)), one, axis])
@@ -143,7 +149,8 @@ def _head(node: Any, const: Any, hidden: str, weight: str, frames: str) -> str:
                 output=OUTPUT_ROWS)
     node("Sub", [frames, node("Gather", [counts, rows], axis=0)], output=OUTPUT_STARTS)
     picked = node("Transpose", [node("NonZero", [chosen])], perm=[1, 0])  # [M, 2]: (row, frame), row-major
-    return node("MatMul", [node("GatherND", [hidden, picked]), weight])
+    x = node("Add", [node("MatMul", [node("GatherND", [hidden, picked]), last_w]), last_b])
+    return node("MatMul", [x, weight])
 
 
 def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarray, contract: ModelContract
@@ -201,6 +208,7 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
     batch_time = _slice(node("Shape", [INPUT_FEATS]), 0, 2, axis=0)
     x = node("Reshape", [INPUT_FEATS, const("rows", np.array([-1, components[0].input_dim], dtype=np.int64))])
     layer = 0
+    last: tuple[str, str] = ("", "")  # the weights and bias of the layer before the output layer
     for i, comp in enumerate(components):
         if comp.kind == "AffineTransform":
             w = comp.params["weight"].astype(np.float64)
@@ -214,10 +222,12 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
                 # It spares an addition pass over every frame's 2599 outputs.
                 w = np.concatenate([w, np.zeros((1, w.shape[1]))])
                 b = np.concatenate([b, [1.0]])
+                last = (const("w", w.T.astype(np.float32)), const("b", b[None].astype(np.float32)))
+                continue  # run inside the output layer's selection, on the frames computed
             elif i == head:
                 w = np.concatenate([w, b[:, None]], axis=1)
-                x = _head(node, const, node("Reshape", [x, _shape(w.shape[1])]), const("w", w.T.astype(np.float32)),
-                          _slice(batch_time, 1, 2, axis=0))
+                x = _head(node, const, node("Reshape", [x, _shape(components[i - 1].input_dim)]), last,
+                          const("w", w.T.astype(np.float32)), _slice(batch_time, 1, 2, axis=0))
                 continue
             x = node("MatMul", [x, const("w", w.T.astype(np.float32))])
             x = node("Add", [x, const("b", b.astype(np.float32))])
