@@ -11,8 +11,9 @@ of the audio by 10 or 20 ms only changes which row hears which phase, so detecti
 began. Holding the hit adds at most one model frame (30 ms) to the wake latency.
 
 Each stream owns its feature state, three rows of the model cache and three decoders. ``accept`` queues audio;
-``step`` extracts features for every stream, gathers every stream with frames pending into one ``session.run`` (the
-batch dimension is streams x phases), scatters the new cache rows back and decodes. Streams can join and leave
+``step`` extracts features for every stream, gathers every stream with frames pending into one ``session.update``
+(the batch dimension is streams x phases; the model writes the new cache rows in place and computes the output
+layer only on the frames where a keyword token can pass the decoders' floor) and decodes. Streams can join and leave
 between steps. Time is counted in samples from each stream's start, so a replayed file and a live microphone give the
 same detections whatever the block sizes.
 """
@@ -26,7 +27,8 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import partial
 from itertools import pairwise
 
 import numpy as np
@@ -34,7 +36,7 @@ import numpy as np
 from kwsd.kws.decoder import NEAR_MISS_SETTLE, Hit, Keyword, KeywordDecoder, KeywordError, tokenize
 from kwsd.kws.fbank import FbankState
 from kwsd.kws.features import batch_fbank, lfr_ready, lfr_rows
-from kwsd.kws.session import ModelSession
+from kwsd.kws.session import ModelSession, concurrently
 from kwsd.settings import DetectorSettings, KeywordSettings
 
 log = logging.getLogger(__name__)
@@ -98,13 +100,8 @@ class StepTiming:
     """Of those, the frames whose output layer ran (the others had no keyword token that could pass the floor)."""
 
     def add(self, other: StepTiming) -> None:
-        self.features += other.features
-        self.model += other.model
-        self.decoder += other.decoder
-        self.steps += other.steps
-        self.frames += other.frames
-        self.rows += other.rows
-        self.computed += other.computed
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass
@@ -368,7 +365,6 @@ class Detector:
         self.timing = StepTiming()
         self.scan = scan
         self.threads = session.threads if threads is None else max(1, threads)
-        self._raw: dict[str, _Stream] = {}  # streams with audio waiting for feature extraction
         self._pool: ThreadPoolExecutor | None = None
         self._scanner = self._new_decoder()  # judges the whole batch's posteriors for the per-stream decoders
         self._columns = self._scanner.column_ids  # blank, then the keyword tokens: what bounds a row's need
@@ -434,7 +430,6 @@ class Detector:
 
     def remove_stream(self, name: str) -> None:
         stream = self._streams.pop(name)
-        self._raw.pop(name, None)
         self._free.append(stream.slot)
 
     def reset_stream(self, name: str, start_sample: int | None = None) -> None:
@@ -470,8 +465,6 @@ class Detector:
         block = np.array(samples, dtype=np.float32).ravel()
         stream.samples_in += int(block.shape[0])
         if block.shape[0]:
-            if not stream.raw:
-                self._raw[name] = stream
             stream.raw.append(block)
 
     def _extract(self, streams: list[_Stream]) -> None:
@@ -489,7 +482,6 @@ class Detector:
         stream = self._streams[name]
         work = _Work()
         if stream.raw:
-            self._raw.pop(name, None)
             t0 = time.perf_counter()
             self._extract([stream])
             work.timing.features += time.perf_counter() - t0
@@ -533,10 +525,9 @@ class Detector:
         runs its part's whole step (features, model call, decoders). The parts' interpreter-bound work (the
         splice gather, the decoders) then overlaps the others' fbank and model time, which release the lock.
         """
-        if not self._raw and not any(s.pending_frames for s in self._streams.values()):
-            return []
-        self._raw.clear()
         streams = list(self._streams.values())
+        if not any(s.raw or s.pending_frames for s in streams):
+            return []
         parts = min(self.threads, len(streams) // _PART_MIN) if self.threads > 1 else 1
         if parts <= 1:
             work = _Work()
@@ -546,15 +537,8 @@ class Detector:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kwsd-step")
         edges = np.linspace(0, len(streams), parts + 1).astype(int).tolist()
         works = [_Work(split=False) for _ in range(parts)]
-        futures = [self._pool.submit(self._step_part, streams[a:b], w)
-                   for (a, b), w in zip(pairwise(edges[1:]), works[1:], strict=True)]
-        try:
-            self._step_part(streams[: edges[1]], works[0])
-        finally:
-            for f in futures:  # every part finished (or failed) before the step returns or raises
-                f.exception()
-        for f in futures:
-            f.result()
+        concurrently(self._pool, [partial(self._step_part, streams[a:b], w)
+                                  for (a, b), w in zip(pairwise(edges), works, strict=True)])
         return self._merged(works)
 
     def _merged(self, works: list[_Work]) -> list[Detection]:
@@ -649,10 +633,10 @@ class Detector:
         n_rows = feats.shape[0]
         probs, computed = out.probs, out.rows
         # Row -> where its computed frames (the last ``size`` of the step's) begin in ``probs``.
-        size = np.zeros(n_rows, dtype=np.intp)
-        size[computed] = frames - out.starts
-        at = np.zeros(n_rows, dtype=np.intp)
-        at[computed] = np.cumsum(size[computed]) - size[computed]
+        lengths = frames - out.starts
+        size, at = np.zeros(n_rows, dtype=np.intp), np.zeros(n_rows, dtype=np.intp)
+        size[computed] = lengths
+        at[computed] = np.cumsum(lengths) - lengths
         at_l, size_l = at.tolist(), size.tolist()
         if self.scan:
             # A row (or the first frames of one) the model did not compute has no keyword token above the floor,

@@ -9,11 +9,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -44,6 +45,8 @@ _SPLIT_MIN = 16
 
 
 _SELECTED = (OUTPUT_ROWS, OUTPUT_STARTS, OUTPUT_PROBS)
+"""The output layer's outputs, bound in this order."""
+T = TypeVar("T")
 
 
 class Posteriors(NamedTuple):
@@ -335,13 +338,7 @@ class ModelSession:
         def call(a: int, b: int) -> Posteriors:
             return self._call_into(feats[a:b], cache[:, a:b], _rows_of(selection, a, b), offset + a)
 
-        futures = [self._pool.submit(call, a, b) for a, b in pairwise(edges[1:])]
-        try:
-            first = call(0, edges[1])
-        finally:
-            for f in futures:  # no call still writes its cache rows once this one returns or raises
-                f.exception()
-        return _joined([first, *(f.result() for f in futures)])
+        return _joined(concurrently(self._pool, [partial(call, a, b) for a, b in pairwise(edges)]))
 
     def _binding(self, feats: np.ndarray, selection: dict[str, np.ndarray]) -> Any:
         """An I/O binding with the features and the output-layer selection bound (the caches are the caller's)."""
@@ -379,7 +376,7 @@ class ModelSession:
         for name in _SELECTED:
             binding.bind_output(name, "cpu")
         for layer, name_in, name_out in zip(cache, self._cache_in, self._cache_out, strict=True):
-            binding.bind_cpu_input(name_in, np.ascontiguousarray(layer))
+            binding.bind_cpu_input(name_in, layer)
             binding.bind_output(name_out, "cpu")
         binding.synchronize_inputs()
         self._session.run_with_iobinding(binding)
@@ -394,6 +391,21 @@ class ModelSession:
         t0 = time.perf_counter()
         self.run(np.zeros((batch, frames, self.contract.features.dim), dtype=np.float32), self.new_cache(batch))
         return time.perf_counter() - t0
+
+
+def concurrently(pool: ThreadPoolExecutor, calls: Sequence[Callable[[], T]]) -> list[T]:
+    """The results of ``calls``, in order: the first on this thread, the others on ``pool`` meanwhile.
+
+    Every call has finished (or failed) before this returns or raises, so none still writes into memory (cache
+    rows, a step's results) that the caller goes on to use; the first failure is raised.
+    """
+    futures = [pool.submit(call) for call in calls[1:]]
+    try:
+        first = calls[0]()
+    finally:
+        for f in futures:
+            f.exception()
+    return [first, *(f.result() for f in futures)]
 
 
 def _rows_of(selection: dict[str, np.ndarray], a: int, b: int) -> dict[str, np.ndarray]:

@@ -1,7 +1,9 @@
 """Export the parsed nnet1 keyword spotter to a streaming ONNX, and refuse to install it unless it is verified.
 
-Graph: ``feats [B, T, 400]`` (spliced, un-normalised fbank) and per Fsmn layer ``cache<i> [B, 128, 11]`` in;
-``probs [B, T, 2599]`` (posteriors) and ``cache_out<i>`` out. CMVN is folded into the first affine layer. Each Fsmn
+Graph: ``feats [B, T, 400]`` (spliced, un-normalised fbank), per Fsmn layer ``cache<i> [B, 128, 11]``, and the
+output layer's selection (``need``, ``columns``, ``log_floor``) in; ``rows``, ``starts`` and ``probs [M, 2599]``
+(the posteriors of the frames the selection computed, see ``_head``) and ``cache_out<i>`` out. CMVN is folded into
+the first affine layer. Each Fsmn
 layer concatenates its cached past frames with the new ones and runs a depthwise filter (a grouped Conv) whose taps
 are the left filter, the identity and the right filter; its output for a frame is therefore produced ROrder frames
 later (8 frames over four layers: the model's look-ahead), and any chunking of the input with the caches carried
@@ -169,7 +171,7 @@ def build_model(components: list[Component], shift: np.ndarray, scale: np.ndarra
                           f"of input {components[0].input_dim}")
     if components[-1].kind != "Softmax":
         raise ExportError("the network does not end in <Softmax>")
-    head = len(components) - 2  # the output layer: run on the rows that need it, its bias an input column
+    head = len(components) - 2  # the output layer: run on the frames that need it, its bias an input column
     if head < 1 or components[head].kind != "AffineTransform" or components[head - 1].kind != "AffineTransform":
         raise ExportError("the network does not end in two affine layers and a softmax: no output layer to run "
                           "on the rows that need it")
